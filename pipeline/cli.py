@@ -1,0 +1,65 @@
+"""The ``wsss`` command.
+
+Sub-commands are contributed by the modules that own them (each exposes
+``add_commands(subparsers)``); imports happen lazily so ``wsss data info`` does not pay for
+Prefect or MLflow. The CLI is the application's entry point, so it may reach into
+``stages`` and ``flows``; nothing in ``pipeline`` else does.
+"""
+
+import argparse
+import importlib
+import json
+import sys
+
+from pipeline.config import ConfigError, config_to_dict, load_config
+
+# modules contributing sub-commands; a missing optional one is skipped
+COMMAND_MODULES = ("pipeline.data.commands", "pipeline.cli_run", "flows.cli")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config`` (preset or file) and repeated ``--set section.field=value``."""
+    parser.add_argument("--config", "-c", default="demo",
+                        help="preset name (voc, coco, demo) or a YAML/JSON file (default: demo)")
+    parser.add_argument("--set", "-s", dest="overrides", action="append", default=[],
+                        metavar="FIELD=VALUE", help="dotted override, e.g. crf.iterations=5 (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace):
+    return load_config(args.config, args.overrides)
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    print(json.dumps(config_to_dict(config_from_args(args)), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wsss", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    show = sub.add_parser("config", help="print the resolved configuration as JSON")
+    add_config_arguments(show)
+    show.set_defaults(func=_cmd_config)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:
+                continue
+            raise
+        module.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"wsss: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""``wsss run``: the pipeline's stages called directly, without Prefect."""
+
+import argparse
+import time
+
+from pipeline.cli import add_config_arguments, config_from_args
+
+
+def format_summary(results) -> str:
+    """A table: stage, key, cached?, duration, headline metric."""
+    rows = [("stage", "key", "cached", "seconds", "headline")]
+    for r in results:
+        headline = r.metrics.get("headline")
+        if headline is None:
+            numeric = [(k, v) for k, v in r.metrics.items() if isinstance(v, (int, float))]
+            headline = f"{numeric[0][0]}={numeric[0][1]:.4g}" if numeric else ""
+        rows.append((r.stage, r.key, "yes" if r.cached else "no", f"{r.duration_s:.1f}", str(headline)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from stages import run_pipeline
+
+    config = config_from_args(args)
+    stages = args.stages.split(",") if args.stages else None
+    start = time.time()
+    results = run_pipeline(config, stages=stages, force=args.force,
+                           on_result=lambda r: print(f"[wsss] {r.stage}: {'cached' if r.cached else 'done'} "
+                                                     f"in {r.duration_s:.1f}s -> {r.path}", flush=True))
+    print(format_summary(results.values()))
+    print(f"total {time.time() - start:.1f}s")
+    return 0
+
+
+def add_commands(sub) -> None:
+    run = sub.add_parser("run", help="run pipeline stages directly (no Prefect)")
+    add_config_arguments(run)
+    run.add_argument("--stages", default="", help="comma-separated subset (default: all five)")
+    run.add_argument("--force", action="store_true", help="recompute the selected stages")
+    run.set_defaults(func=_cmd_run)

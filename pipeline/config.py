@@ -1,0 +1,363 @@
+"""Configuration of the whole pipeline: one pydantic model per stage plus the pipeline.
+
+Every model forbids unknown keys and validates types and ranges, so a typo in a YAML file
+or a ``--set crf.iterations=five`` override fails before any work starts, with the full
+dotted field path in the message (``crf.iterations: Input should be a valid integer``).
+
+Presets:
+* ``voc``  — PASCAL VOC 2012 + SBD (train_aug), the paper settings (MCIS classifier recipe,
+  PSA-style CRF, segmentors with the mmseg VOC12aug recipe).
+* ``coco`` — MS COCO 2014 (80 classes), same method settings.
+* ``demo`` — the embedded synthetic dataset, sized so the five stages run on 2 CPU cores
+  in minutes.
+
+Load with :func:`load_config` (a preset name or a YAML/JSON file, plus dotted overrides).
+"""
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESETS = ("voc", "coco", "demo")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the field path."""
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data
+class SyntheticConfig(StrictModel):
+    """The synthetic dataset generator (VOC layout, written under ``data.root``)."""
+
+    num_classes: int = Field(5, ge=1, le=20, description="foreground classes K")
+    num_train: int = Field(160, ge=1)
+    num_val: int = Field(48, ge=1)
+    image_size: int = Field(96, ge=32, le=1024, description="square image side in pixels")
+    min_objects: int = Field(1, ge=1)
+    max_objects: int = Field(3, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _objects_range(self):
+        if self.max_objects < self.min_objects:
+            raise ValueError(f"max_objects ({self.max_objects}) < min_objects ({self.min_objects})")
+        return self
+
+
+class DataConfig(StrictModel):
+    """Which dataset, where it lives, which splits."""
+
+    dataset: Literal["synthetic", "voc", "coco"] = "synthetic"
+    root: Path = Field(Path("work/data/synthetic"), description=(
+        "synthetic: output directory of the generator (VOC layout); voc: the VOC2012 "
+        "directory of a VOCdevkit (JPEGImages, SegmentationClass, ImageSets); coco: the COCO "
+        "root holding annotations/ and train2017/ (or train2014/)."))
+    train_split: str = Field("train", min_length=1, description="split for stages 1-4 (VOC+SBD: train_aug)")
+    val_split: str = Field("val", min_length=1, description="split the segmentors are scored on")
+    label_source: Literal["masks", "cls_labels", "xml"] = Field(
+        "masks", description="where VOC image-level labels come from")
+    coco_year: Literal[2014, 2017] = 2017
+    coco_classes: Literal["all", "voc"] = Field("voc", description="80 COCO classes or the 20 VOC ones")
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+# --------------------------------------------------------------------------- stage 1
+class ClassifierConfig(StrictModel):
+    """Stage 1: the MCIS co-attention classifier (defaults = the official recipe)."""
+
+    backbone: str = Field("vgg16", description="vgg16 | resnet50 | resnet101 | efficientnet_lite0 | tiny")
+    pretrained: bool = True
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(5, ge=1, description="pairs per step")
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    lr_steps: list[int] = Field(default_factory=lambda: [5, 10], description="epochs where lr *= lr_gamma")
+    lr_gamma: float = Field(0.1, gt=0, le=1)
+    image_size: int = Field(256, ge=32)
+    colour_jitter: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)
+    contrastive_from_epoch: int = Field(2, ge=0, description="epoch (0-based) at which L_con-co-att joins")
+    self_pairs: bool = Field(True, description="also pair each image with flip / 0.75x / 2x copies")
+    random_partner_fraction: float = Field(0.0, ge=0, le=1, description="share of partners drawn at random")
+    amp: bool = Field(True, description="mixed precision when CUDA is used")
+    num_workers: int = Field(2, ge=0)
+
+
+# --------------------------------------------------------------------------- stage 2
+class MapsConfig(StrictModel):
+    """Stage 2: localization maps averaged over related images."""
+
+    split: Optional[str] = Field(None, description="split to generate maps for (default: data.train_split)")
+    num_related: int = Field(3, ge=0, description="k related images sharing the class")
+    self_pairs: bool = True
+    scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    flip: bool = False
+    checkpoint_epoch: Optional[int] = Field(10, ge=1, description="classifier epoch to use (None: last)")
+    batch_size: int = Field(8, ge=1)
+    workers: int = Field(1, ge=1, description="processes on CPU")
+    background_thresholds: list[float] = Field(
+        default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 13)], min_length=1,
+        description="background thresholds swept when scoring maps")
+
+
+# --------------------------------------------------------------------------- stage 3
+class CRFConfig(StrictModel):
+    """Stage 3: dense-CRF refinement. ``preset`` picks a peer code base's parameters; any
+    field set here (not None) overrides the preset's value."""
+
+    preset: Literal["psa", "irn", "clip_es", "toco"] = "psa"
+    iterations: Optional[int] = Field(None, ge=1)
+    background: Optional[Literal["constant", "power"]] = None
+    bg_threshold: Optional[float] = Field(None, ge=0, le=1)
+    alpha: Optional[float] = Field(None, gt=0)
+    gaussian_sxy: Optional[float] = Field(None, gt=0)
+    gaussian_compat: Optional[float] = Field(None, ge=0)
+    bilateral_sxy: Optional[float] = Field(None, gt=0)
+    bilateral_srgb: Optional[float] = Field(None, gt=0)
+    bilateral_compat: Optional[float] = Field(None, ge=0)
+    confidence: Optional[float] = Field(None, ge=0, le=1, description="posterior below this -> 255")
+    fg_threshold: Optional[float] = Field(None, ge=0, le=1)
+    bg_low_threshold: Optional[float] = Field(None, ge=0, le=1)
+    downscale: float = Field(1.0, gt=0, le=1)
+    saliency_dir: Optional[Path] = None
+    workers: int = Field(1, ge=1)
+    chunk_size: int = Field(16, ge=1)
+
+
+# --------------------------------------------------------------------------- stage 4
+class SegmentorConfig(StrictModel):
+    """Stage 4: fully supervised segmentors trained on the pseudo-masks."""
+
+    models: list[str] = Field(default_factory=lambda: ["deeplab_largefov"], min_length=1)
+    backbone: str = Field("resnet101", description="resnet50 | resnet101 | ... (see models.segmentors)")
+    pretrained: bool = True
+    iterations: int = Field(20000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    crop_size: int = Field(512, ge=16)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    poly_power: float = Field(0.9, gt=0)
+    min_lr: float = Field(1e-4, ge=0)
+    warmup_iters: int = Field(0, ge=0)
+    head_lr_mult: float = Field(10.0, gt=0)
+    loss_average: Literal["labelled", "all"] = Field(
+        "labelled", description="CE averaged over labelled pixels, or over all pixels (mmseg default)")
+    class_balanced: bool = False
+    checkpoint_every: int = Field(1000, ge=1)
+    amp: bool = True
+    num_workers: int = Field(2, ge=0)
+    parallel: bool = Field(False, description="train the listed models in parallel processes")
+
+    @model_validator(mode="after")
+    def _scale_order(self):
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {self.scale_range}")
+        return self
+
+
+# --------------------------------------------------------------------------- stage 5
+class EvaluationConfig(StrictModel):
+    """Stage 5: scoring maps, pseudo-masks and segmentors."""
+
+    split: Optional[str] = Field(None, description="segmentor split (default: data.val_split)")
+    scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    flip: bool = False
+    mode: Literal["whole", "slide"] = "whole"
+    crop_size: int = Field(512, ge=16)
+    stride: int = Field(341, ge=1)
+    crf: bool = False
+    map_threshold: Optional[float] = Field(None, ge=0, le=1, description="fixed bg threshold (None: sweep)")
+    previews: int = Field(8, ge=0, description="overlay preview images to write")
+
+
+# --------------------------------------------------------------------------- pipeline
+class PipelineConfig(StrictModel):
+    """The whole pipeline: what the Prefect flow and ``wsss run`` take."""
+
+    name: str = Field("demo", min_length=1, description="preset/deployment name (MLflow experiment)")
+    workdir: Path = Field(Path("work"), description="where stage outputs, services and caches live")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    maps: MapsConfig = MapsConfig()
+    crf: CRFConfig = CRFConfig()
+    segmentor: SegmentorConfig = SegmentorConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+
+# --------------------------------------------------------------------------- presets
+def _preset_dict(name: str) -> dict[str, Any]:
+    if name == "voc":
+        return {
+            "name": "voc",
+            "data": {"dataset": "voc", "root": "data/VOCdevkit/VOC2012", "train_split": "train_aug",
+                     "val_split": "val"},
+            "maps": {"split": "train", "scales": [1.0, 0.5, 1.5, 2.0], "flip": True, "workers": 2},
+            "crf": {"preset": "psa", "workers": 2},
+            "segmentor": {"models": ["deeplab_largefov", "sanet", "ocrnet", "danet"],
+                          "backbone": "resnet101", "iterations": 20000, "batch_size": 16,
+                          "crop_size": 512},
+            "evaluation": {"scales": [0.5, 0.75, 1.0, 1.25, 1.5], "flip": True},
+        }
+    if name == "coco":
+        return {
+            "name": "coco",
+            "data": {"dataset": "coco", "root": "data/coco", "train_split": "train", "val_split": "val",
+                     "coco_year": 2014, "coco_classes": "all"},
+            "maps": {"split": "train", "scales": [1.0, 0.5, 1.5, 2.0], "flip": True, "workers": 2},
+            "crf": {"preset": "psa", "workers": 2},
+            "segmentor": {"models": ["deeplab_largefov", "sanet"], "backbone": "resnet101",
+                          "iterations": 80000, "batch_size": 16, "crop_size": 512},
+        }
+    if name == "demo":
+        return {
+            "name": "demo",
+            "workdir": "work/demo",
+            "data": {"dataset": "synthetic", "root": "work/demo/data/synthetic"},
+            "classifier": {"backbone": "tiny", "pretrained": False, "epochs": 6, "batch_size": 8,
+                           "lr": 0.01, "lr_steps": [4], "image_size": 96,
+                           "contrastive_from_epoch": 2, "amp": False, "num_workers": 0},
+            "maps": {"num_related": 3, "checkpoint_epoch": None, "batch_size": 16, "workers": 2},
+            "crf": {"preset": "psa", "workers": 2, "chunk_size": 16},
+            "segmentor": {"models": ["sanet", "deeplab_largefov"], "backbone": "tiny",
+                          "pretrained": False, "iterations": 300, "batch_size": 8, "crop_size": 96,
+                          "scale_range": [0.75, 1.25], "lr": 0.01, "warmup_iters": 20,
+                          "head_lr_mult": 1.0, "checkpoint_every": 100, "amp": False,
+                          "num_workers": 0},
+            "evaluation": {"crop_size": 96, "stride": 64, "previews": 4},
+        }
+    raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+
+
+def preset(name: str) -> PipelineConfig:
+    """The named preset (``voc``, ``coco`` or ``demo``) as a validated config."""
+    return _validate(_preset_dict(name), source=f"preset {name!r}")
+
+
+# --------------------------------------------------------------------------- loading
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = e.get("input")
+        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {path}: {e['msg']}{got_text}")
+    return f"invalid configuration in {source}:\n" + "\n".join(lines)
+
+
+def _validate(data: dict[str, Any], source: str) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"crf.iterations=5"`` -> (["crf", "iterations"], 5). Values are parsed as YAML, so
+    ``[1, 2]``, ``true``, ``0.5`` and ``null`` work; anything else stays a string."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    dotted, raw = text.split("=", 1)
+    keys = [k for k in dotted.strip().split(".")]
+    if not all(keys):
+        raise ConfigError(f"override {text!r}: empty field name in {dotted!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted override into a (nested) config dict; unknown paths are left for the
+    model validation to reject with their full path."""
+    data = json.loads(json.dumps(data, default=str))
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for i, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(keys[:i + 1])} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML or JSON file as a dict; a file may name a ``preset`` to start from."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
+    base = data.pop("preset", None)
+    return _deep_merge(_preset_dict(base), data) if base else data
+
+
+def load_config(source: str | Path | None = "demo", overrides: list[str] | None = None) -> PipelineConfig:
+    """Build a config from a preset name or a YAML/JSON file, then dotted overrides.
+
+    >>> load_config("demo", ["crf.iterations=5"]).crf.iterations
+    5
+    """
+    if source is None:
+        data, name = {}, "defaults"
+    elif str(source) in PRESETS:
+        data, name = _preset_dict(str(source)), f"preset {source!r}"
+    else:
+        data, name = read_config_file(Path(source)), str(source)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        name += " with overrides " + ", ".join(overrides)
+    return _validate(data, source=name)
+
+
+def config_to_dict(config: BaseModel) -> dict[str, Any]:
+    """JSON-ready dict (paths as strings) of any config model."""
+    return config.model_dump(mode="json")
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"crf": {"iterations": 5}}`` -> ``{"crf.iterations": 5}`` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,72 @@
+"""The tracking interface stages log through.
+
+Stages call only these methods; they never import MLflow. :class:`Tracker` itself records
+nothing (used in tests and plain runs); the orchestration layer provides an MLflow-backed
+subclass (one parent run per pipeline run, one child run per stage / segmentor).
+"""
+
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class Tracker:
+    """No-op tracker; subclasses send the calls somewhere."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Flat ``name -> value`` parameters (use ``pipeline.config.flatten``)."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Scalar metrics at an optional step (epoch or iteration); batch them per call."""
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """A file (or directory) to keep with the run."""
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """String tags on the run."""
+
+    def child(self, name: str) -> "Tracker":
+        """A nested tracker for a sub-unit (e.g. one segmentor inside stage 4)."""
+        return self
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End the run this tracker writes to (no-op here)."""
+
+
+class MemoryTracker(Tracker):
+    """Keeps everything in memory: for tests and for notebooks."""
+
+    def __init__(self, name: str = "root"):
+        self.name = name
+        self.params: dict[str, Any] = {}
+        self.metrics: list[tuple[int | None, dict[str, float]]] = []
+        self.artifacts: list[tuple[Path, str | None]] = []
+        self.tags: dict[str, str] = {}
+        self.children: dict[str, "MemoryTracker"] = {}
+        self.status: str | None = None
+
+    def log_params(self, params):
+        self.params.update(params)
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, {k: float(v) for k, v in metrics.items()}))
+
+    def log_artifact(self, path, artifact_path=None):
+        self.artifacts.append((Path(path), artifact_path))
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
+
+    def child(self, name):
+        return self.children.setdefault(name, MemoryTracker(name))
+
+    def close(self, status="FINISHED"):
+        self.status = status
+
+    def history(self, name: str) -> list[float]:
+        """Values logged for one metric, in order."""
+        return [m[name] for _, m in self.metrics if name in m]
+
+
+NULL_TRACKER = Tracker()

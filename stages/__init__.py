@@ -1,0 +1,130 @@
+"""The five pipeline stages and the plain (Prefect-free) runner that chains them.
+
+Each stage module exposes::
+
+    NAME = "<stage>"
+    def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Path,
+            tracker: Tracker = NULL_TRACKER) -> StageResult
+
+``run`` writes its files into ``out_dir`` (resumably: finished items already there are
+skipped) and returns a :class:`~pipeline.storage.StageResult` with its headline metrics.
+The runner here owns the bookkeeping around it: the provenance key and output directory,
+cache hits, the manifest and the completion marker (written last). The Prefect flow calls
+:func:`run_stage` from one task per stage and adds nothing else.
+"""
+
+import importlib
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from pipeline.config import PipelineConfig, config_to_dict
+from pipeline.storage import (StageResult, clean_temp_files, code_version, finish_stage,
+                              is_complete, provenance_key, read_manifest, stage_dir)
+from pipeline.tracking import NULL_TRACKER, Tracker
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    module: str
+    sections: tuple[str, ...]      # config sections that determine the output
+    upstream: tuple[str, ...]      # stages whose outputs it reads
+
+
+STAGES: dict[str, StageSpec] = {s.name: s for s in (
+    StageSpec("train_classifier", "stages.train_classifier", ("seed", "data", "classifier"), ()),
+    StageSpec("generate_cams", "stages.generate_cams", ("seed", "data", "maps"), ("train_classifier",)),
+    StageSpec("refine_crf", "stages.refine_crf", ("data", "crf"), ("generate_cams",)),
+    StageSpec("train_segmentor", "stages.train_segmentor", ("seed", "data", "segmentor"), ("refine_crf",)),
+    StageSpec("evaluate", "stages.evaluate", ("data", "evaluation"),
+              ("generate_cams", "refine_crf", "train_segmentor")),
+)}
+STAGE_ORDER = tuple(STAGES)
+
+
+def check_stage_names(names: Iterable[str]) -> list[str]:
+    names = list(names)
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGE_ORDER)}")
+    return [n for n in STAGE_ORDER if n in names]
+
+
+def stage_config(config: PipelineConfig, name: str) -> dict[str, Any]:
+    """The part of the config that determines a stage's output."""
+    full = config_to_dict(config)
+    return {section: full[section] for section in STAGES[name].sections}
+
+
+def stage_key(config: PipelineConfig, name: str, upstream_keys: Mapping[str, str]) -> str:
+    spec = STAGES[name]
+    missing = [u for u in spec.upstream if u not in upstream_keys]
+    if missing:
+        raise ValueError(f"stage {name} needs the key of {', '.join(missing)}")
+    return provenance_key(stage_config(config, name), {u: upstream_keys[u] for u in spec.upstream},
+                          code_version([spec.module]))
+
+
+def _cached_result(name: str, out_dir: Path) -> StageResult:
+    manifest = read_manifest(out_dir)
+    return StageResult(stage=name, key=out_dir.name, path=str(out_dir),
+                       metrics=manifest.get("metrics", {}), files=manifest.get("files", {}),
+                       run_id=manifest.get("run_id"), cached=True,
+                       duration_s=manifest.get("duration_s", 0.0))
+
+
+def run_stage(name: str, config: PipelineConfig, upstream: Mapping[str, StageResult],
+              tracker: Tracker = NULL_TRACKER, force: bool = False) -> StageResult:
+    """Run one stage, or return its stored result when an identical one is complete.
+
+    ``force`` deletes an existing output of the same key first. An interrupted output
+    (no completion marker) is resumed: its finished files are kept and skipped by the stage.
+    """
+    spec = STAGES[name]
+    key = stage_key(config, name, {u: upstream[u].key for u in spec.upstream if u in upstream})
+    out_dir = stage_dir(config.workdir, name, key)
+    if force and out_dir.exists():
+        shutil.rmtree(out_dir)
+    if is_complete(out_dir):
+        return _cached_result(name, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clean_temp_files(out_dir)
+    module = importlib.import_module(spec.module)
+    start = time.time()
+    result: StageResult = module.run(config, upstream, out_dir, tracker)
+    result.duration_s = time.time() - start
+    result.key, result.path, result.stage, result.cached = key, str(out_dir), name, False
+    result.run_id = result.run_id or tracker.run_id
+    finish_stage(out_dir, {
+        "stage": name, "key": key, "config": stage_config(config, name),
+        "inputs": {u: upstream[u].key for u in spec.upstream},
+        "metrics": result.metrics, "files": result.files, "run_id": result.run_id,
+        "duration_s": result.duration_s,
+        "file_count": sum(1 for p in out_dir.rglob("*") if p.is_file()),
+    })
+    return result
+
+
+def run_pipeline(config: PipelineConfig, stages: Iterable[str] | None = None, force: bool = False,
+                 tracker: Tracker = NULL_TRACKER,
+                 on_result: Callable[[StageResult], None] | None = None) -> dict[str, StageResult]:
+    """Run the selected stages in order (default: all). Stages a selected stage depends on
+    but that were not selected are reused when complete and computed otherwise; ``force``
+    applies to the selected stages only."""
+    selected = set(check_stage_names(stages if stages is not None else STAGE_ORDER))
+    needed = set(selected)
+    for name in reversed(STAGE_ORDER):
+        if name in needed:
+            needed.update(STAGES[name].upstream)
+    results: dict[str, StageResult] = {}
+    for name in STAGE_ORDER:
+        if name not in needed:
+            continue
+        results[name] = run_stage(name, config, results, tracker.child(name),
+                                  force=force and name in selected)
+        if on_result:
+            on_result(results[name])
+    return results
