@@ -123,7 +123,8 @@ def run_pipeline(config: PipelineConfig, stages: Iterable[str] | None = None, fo
     for name in STAGE_ORDER:
         if name not in needed:
             continue
-        results[name] = run_stage(name, config, results, tracker.child(name),
+        inputs = {u: results[u] for u in STAGES[name].upstream}
+        results[name] = run_stage(name, config, inputs, tracker.child(name),
                                   force=force and name in selected)
         if on_result:
             on_result(results[name])

@@ -1,0 +1,93 @@
+"""The plain stage runner: keys, caching, resume, force, dependency resolution."""
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import stages
+from pipeline.config import load_config
+from pipeline.storage import StageResult, is_complete
+from pipeline.tracking import MemoryTracker
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    """Replace the five stage modules by recorders that write one file each."""
+    calls = []
+
+    def make(name):
+        module = types.ModuleType(f"stages.{name}")
+
+        def run(config, upstream, out_dir, tracker):
+            calls.append(name)
+            (Path(out_dir) / "out.txt").write_text(",".join(sorted(upstream)))
+            tracker.log_metrics({"value": 1.0})
+            return StageResult(stage=name, key="", path=str(out_dir), metrics={"value": len(calls)})
+
+        module.run = run
+        return module
+
+    for name in stages.STAGE_ORDER:
+        monkeypatch.setitem(sys.modules, f"stages.{name}", make(name))
+    return calls
+
+
+def config(tmp_path, *overrides):
+    return load_config("demo", [f"workdir={tmp_path}", *overrides])
+
+
+def test_all_stages_then_cached(tmp_path, fake_stages):
+    results = stages.run_pipeline(config(tmp_path))
+    assert fake_stages == list(stages.STAGE_ORDER)
+    assert all(is_complete(Path(r.path)) for r in results.values())
+    assert Path(results["evaluate"].path, "out.txt").read_text() == \
+        "generate_cams,refine_crf,train_segmentor"
+    again = stages.run_pipeline(config(tmp_path))
+    assert fake_stages == list(stages.STAGE_ORDER)          # nothing recomputed
+    assert all(r.cached for r in again.values())
+    assert again["refine_crf"].metrics == results["refine_crf"].metrics
+
+
+def test_changing_crf_recomputes_3_to_5_only(tmp_path, fake_stages):
+    first = stages.run_pipeline(config(tmp_path))
+    fake_stages.clear()
+    second = stages.run_pipeline(config(tmp_path, "crf.iterations=3"))
+    assert fake_stages == ["refine_crf", "train_segmentor", "evaluate"]
+    assert second["generate_cams"].key == first["generate_cams"].key
+    assert second["refine_crf"].key != first["refine_crf"].key
+    assert second["evaluate"].key != first["evaluate"].key
+
+
+def test_single_stage_rerun_reuses_upstream_and_force(tmp_path, fake_stages):
+    stages.run_pipeline(config(tmp_path))
+    fake_stages.clear()
+    results = stages.run_pipeline(config(tmp_path), stages=["refine_crf"])
+    assert set(results) == {"train_classifier", "generate_cams", "refine_crf"}
+    assert fake_stages == []
+    results = stages.run_pipeline(config(tmp_path), stages=["refine_crf"], force=True)
+    assert fake_stages == ["refine_crf"]
+    assert results["generate_cams"].cached and not results["refine_crf"].cached
+
+
+def test_deleted_output_is_recomputed_and_incomplete_resumed(tmp_path, fake_stages):
+    first = stages.run_pipeline(config(tmp_path))
+    import shutil
+    shutil.rmtree(first["refine_crf"].path)
+    (Path(first["train_segmentor"].path) / "COMPLETE").unlink()
+    fake_stages.clear()
+    stages.run_pipeline(config(tmp_path))
+    assert fake_stages == ["refine_crf", "train_segmentor"]
+
+
+def test_tracker_children_per_stage(tmp_path, fake_stages):
+    tracker = MemoryTracker()
+    stages.run_pipeline(config(tmp_path), stages=["train_classifier"], tracker=tracker)
+    assert list(tracker.children) == ["train_classifier"]
+    assert tracker.children["train_classifier"].history("value") == [1.0]
+
+
+def test_unknown_stage_name():
+    with pytest.raises(ValueError, match="unknown stage.*choose from"):
+        stages.check_stage_names(["refine"])
