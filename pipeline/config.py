@@ -65,8 +65,13 @@ class DataConfig(StrictModel):
     val_split: str = Field("val", min_length=1, description="split the segmentors are scored on")
     label_source: Literal["masks", "cls_labels", "xml"] = Field(
         "masks", description="where VOC image-level labels come from")
+    labels_file: Optional[Path] = Field(None, description=(
+        "label_source=cls_labels: the pickled dict id -> label vector (default <root>/cls_labels.npy)"))
     coco_year: Literal[2014, 2017] = 2017
     coco_classes: Literal["all", "voc"] = Field("voc", description="80 COCO classes or the 20 VOC ones")
+    coco_mapping: Optional[dict[str, str]] = Field(None, description=(
+        "coco_classes=voc: COCO category name -> VOC class name (default: the 20 matching "
+        "classes, e.g. 'motorcycle' -> 'motorbike'); unmapped COCO classes become background"))
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
@@ -75,7 +80,11 @@ class ClassifierConfig(StrictModel):
     """Stage 1: the MCIS co-attention classifier (defaults = the official recipe)."""
 
     backbone: str = Field("vgg16", description="vgg16 | resnet50 | resnet101 | efficientnet_lite0 | tiny")
+    backbone_options: dict[str, Any] = Field(
+        default_factory=dict, description="extra build_backbone options, e.g. {width: 16} for tiny")
     pretrained: bool = True
+    feature_channels: int = Field(512, ge=1, description="channels of the 3 extra convs (official 512)")
+    freeze_bn: bool = Field(False, description="keep backbone BatchNorm statistics and affine fixed")
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(5, ge=1, description="pairs per step")
     lr: float = Field(1e-3, gt=0)
@@ -86,11 +95,13 @@ class ClassifierConfig(StrictModel):
     lr_gamma: float = Field(0.1, gt=0, le=1)
     image_size: int = Field(256, ge=32)
     colour_jitter: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)
+    flip: bool = Field(True, description="random horizontal flip of training images")
     contrastive_from_epoch: int = Field(2, ge=0, description="epoch (0-based) at which L_con-co-att joins")
     self_pairs: bool = Field(True, description="also pair each image with flip / 0.75x / 2x copies")
     random_partner_fraction: float = Field(0.0, ge=0, le=1, description="share of partners drawn at random")
     amp: bool = Field(True, description="mixed precision when CUDA is used")
     num_workers: int = Field(2, ge=0)
+    log_every: int = Field(10, ge=1, description="log step metrics every N steps")
 
 
 # --------------------------------------------------------------------------- stage 2
@@ -102,6 +113,8 @@ class MapsConfig(StrictModel):
     self_pairs: bool = True
     scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
     flip: bool = False
+    image_size: Optional[int] = Field(None, ge=16, description=(
+        "resize images to this square for the network (maps are resized back); None: native size"))
     checkpoint_epoch: Optional[int] = Field(10, ge=1, description="classifier epoch to use (None: last)")
     batch_size: int = Field(8, ge=1)
     workers: int = Field(1, ge=1, description="processes on CPU")
@@ -112,26 +125,49 @@ class MapsConfig(StrictModel):
 
 # --------------------------------------------------------------------------- stage 3
 class CRFConfig(StrictModel):
-    """Stage 3: dense-CRF refinement. ``preset`` picks a peer code base's parameters; any
-    field set here (not None) overrides the preset's value."""
+    """Stage 3: dense-CRF refinement of the maps into pseudo-masks.
+
+    ``preset`` picks a peer code base's parameters (``stages.refine_crf.PRESETS``: psa, irn,
+    clip_es, toco); every field below that is set (not None) overrides the preset's value
+    (``stages.refine_crf.resolve_params`` merges them and documents each parameter)."""
 
     preset: Literal["psa", "irn", "clip_es", "toco"] = "psa"
-    iterations: Optional[int] = Field(None, ge=1)
-    background: Optional[Literal["constant", "power"]] = None
-    bg_threshold: Optional[float] = Field(None, ge=0, le=1)
-    alpha: Optional[float] = Field(None, gt=0)
-    gaussian_sxy: Optional[float] = Field(None, gt=0)
-    gaussian_compat: Optional[float] = Field(None, ge=0)
-    bilateral_sxy: Optional[float] = Field(None, gt=0)
-    bilateral_srgb: Optional[float] = Field(None, gt=0)
-    bilateral_compat: Optional[float] = Field(None, ge=0)
+    iterations: Optional[int] = Field(None, ge=1, description="mean-field iterations")
+    unary: Optional[Literal["scores", "labels"]] = Field(
+        None, description="scores: U = -log [bg, M_1..M_n] (PSA); labels: argmax of [bg, M] as hard "
+                          "labels with probability gt_prob (IRN)")
+    gt_prob: Optional[float] = Field(None, gt=0, lt=1, description="labels unary: P(argmax label)")
+    background: Optional[Literal["constant", "power"]] = Field(
+        None, description="background score: constant bg_threshold, or (1 - max_c M_c)^alpha")
+    bg_threshold: Optional[float] = Field(None, ge=0, le=1, description="constant background score "
+                                          "(IRN conf_fg_thres)")
+    alpha: Optional[float] = Field(None, gt=0, description="power background exponent (PSA low alpha)")
+    bg_low_threshold: Optional[float] = Field(
+        None, ge=0, le=1, description="constant background of a second, confident-background run "
+                                      "(IRN conf_bg_thres); where the runs disagree -> 255")
+    alpha_high: Optional[float] = Field(
+        None, gt=0, description="power background of a second, confident-background run (PSA high "
+                                "alpha); where the runs disagree -> 255")
+    gaussian_sxy: Optional[float] = Field(None, gt=0, description="Gaussian kernel position std (px)")
+    gaussian_compat: Optional[float] = Field(None, ge=0, description="Gaussian kernel weight")
+    bilateral_sxy: Optional[float] = Field(None, gt=0, description="bilateral kernel position std (px)")
+    bilateral_srgb: Optional[float] = Field(None, gt=0, description="bilateral kernel colour std")
+    bilateral_compat: Optional[float] = Field(None, ge=0, description="bilateral kernel weight")
     confidence: Optional[float] = Field(None, ge=0, le=1, description="posterior below this -> 255")
-    fg_threshold: Optional[float] = Field(None, ge=0, le=1)
-    bg_low_threshold: Optional[float] = Field(None, ge=0, le=1)
-    downscale: float = Field(1.0, gt=0, le=1)
-    saliency_dir: Optional[Path] = None
-    workers: int = Field(1, ge=1)
-    chunk_size: int = Field(16, ge=1)
+    downscale: Optional[float] = Field(None, gt=0, le=1, description="run the CRF at this image scale "
+                                       "(position stds scaled alike), posterior upsampled back")
+    saliency_dir: Optional[Path] = Field(None, description="optional <id>.png saliency maps (0-255) "
+                                         "used as an extra background cue (OAA/MCIS rules)")
+    saliency_ignore: float = Field(32 / 255, ge=0, le=1, description="CRF background pixels with "
+                                   "saliency >= this -> 255 (saliency mode)")
+    min_foreground: float = Field(0.01, ge=0, le=1, description="saliency mode: an image with less "
+                                  "foreground than this fraction becomes all 255")
+    skip_missing: bool = Field(False, description="skip (and count) images whose map file is "
+                               "missing instead of failing")
+    workers: int = Field(1, ge=1, description="processes refining chunks of images")
+    chunk_size: int = Field(16, ge=1, description="images per work unit")
+    dask_address: Optional[str] = Field(None, description="scheduler address of a Dask cluster to "
+                                        "run the chunks on (instead of local processes)")
 
 
 # --------------------------------------------------------------------------- stage 4
@@ -141,6 +177,9 @@ class SegmentorConfig(StrictModel):
     models: list[str] = Field(default_factory=lambda: ["deeplab_largefov"], min_length=1)
     backbone: str = Field("resnet101", description="resnet50 | resnet101 | ... (see models.segmentors)")
     pretrained: bool = True
+    model_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="model name -> extra keyword arguments of its builder "
+                                          "(e.g. {'sanet': {'attn_pool': 4}})")
     iterations: int = Field(20000, ge=1)
     batch_size: int = Field(16, ge=1)
     crop_size: int = Field(512, ge=16)
@@ -150,15 +189,25 @@ class SegmentorConfig(StrictModel):
     weight_decay: float = Field(5e-4, ge=0)
     poly_power: float = Field(0.9, gt=0)
     min_lr: float = Field(1e-4, ge=0)
-    warmup_iters: int = Field(0, ge=0)
-    head_lr_mult: float = Field(10.0, gt=0)
+    warmup_iters: int = Field(0, ge=0, description="linear warm-up iterations (lr from warmup_ratio*lr)")
+    warmup_ratio: float = Field(0.1, gt=0, le=1)
+    head_lr_mult: float = Field(1.0, gt=0, description="lr multiplier of the non-backbone parameters "
+                                "(1 in mmseg's R-D8 recipes, 10 in OCRNet/SETR's)")
+    flip: bool = Field(True, description="random horizontal flip of the crops")
+    colour_jitter: tuple[float, float, float, float] = Field(
+        (0.3, 0.3, 0.3, 0.1), description="brightness, contrast, saturation, hue of the crops")
     loss_average: Literal["labelled", "all"] = Field(
-        "labelled", description="CE averaged over labelled pixels, or over all pixels (mmseg default)")
-    class_balanced: bool = False
+        "labelled", description="CE averaged over labelled pixels (default: pseudo-masks have many "
+                                "255s), or over all pixels with ignored ones counting 0 (mmseg default)")
+    class_balanced: bool = Field(False, description="median-frequency class weights from the pseudo-masks")
+    class_weight_max: float = Field(10.0, ge=1, description="clip of the class-balanced weights")
     checkpoint_every: int = Field(1000, ge=1)
+    log_every: int = Field(10, ge=1, description="iterations between logged losses")
     amp: bool = True
     num_workers: int = Field(2, ge=0)
     parallel: bool = Field(False, description="train the listed models in parallel processes")
+    nproc: int = Field(1, ge=1, description="DDP processes per model (>1 launches torchrun: gloo on "
+                                            "CPU, NCCL on CUDA); batch_size is the total over them")
 
     @model_validator(mode="after")
     def _scale_order(self):

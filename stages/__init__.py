@@ -108,6 +108,15 @@ def run_stage(name: str, config: PipelineConfig, upstream: Mapping[str, StageRes
     return result
 
 
+def needed_stages(selected: Iterable[str]) -> list[str]:
+    """The selected stages plus every stage they depend on, in pipeline order."""
+    needed = set(check_stage_names(selected))
+    for name in reversed(STAGE_ORDER):
+        if name in needed:
+            needed.update(STAGES[name].upstream)
+    return [name for name in STAGE_ORDER if name in needed]
+
+
 def run_pipeline(config: PipelineConfig, stages: Iterable[str] | None = None, force: bool = False,
                  tracker: Tracker = NULL_TRACKER,
                  on_result: Callable[[StageResult], None] | None = None) -> dict[str, StageResult]:
@@ -115,14 +124,8 @@ def run_pipeline(config: PipelineConfig, stages: Iterable[str] | None = None, fo
     but that were not selected are reused when complete and computed otherwise; ``force``
     applies to the selected stages only."""
     selected = set(check_stage_names(stages if stages is not None else STAGE_ORDER))
-    needed = set(selected)
-    for name in reversed(STAGE_ORDER):
-        if name in needed:
-            needed.update(STAGES[name].upstream)
     results: dict[str, StageResult] = {}
-    for name in STAGE_ORDER:
-        if name not in needed:
-            continue
+    for name in needed_stages(selected):
         inputs = {u: results[u] for u in STAGES[name].upstream}
         results[name] = run_stage(name, config, inputs, tracker.child(name),
                                   force=force and name in selected)

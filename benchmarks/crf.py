@@ -1,0 +1,144 @@
+"""Stage-3 CRF throughput: images/s with 1 and 2 workers, overhead vs a bare pydensecrf call,
+peak memory. VOC-sized synthetic inputs (500x375, 3 classes per image by default).
+
+    .venv/bin/python benchmarks/crf.py [--images 16] [--preset psa] [--workers 2]
+
+* bare: per image, pydensecrf alone on arrays already in memory (``unary_from_softmax`` +
+  ``DenseCRF2D`` + both pairwise terms + ``inference``), as many runs as the preset needs
+  (PSA and IRN: 2, CLIP-ES and ToCo: 1), same parameters;
+* stage: :func:`stages.refine_crf.refine_images` on files (read map file and JPEG, build the
+  unary, CRF, ignore rules, write the palette PNG atomically) with 1 and N worker processes.
+
+Targets (issue 4): >= 1.8x images/s with 2 workers, <= 10 % per-image overhead vs bare.
+"""
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pydensecrf.densecrf as dcrf  # noqa: E402
+from pydensecrf.utils import unary_from_labels, unary_from_softmax  # noqa: E402
+
+from pipeline.config import CRFConfig  # noqa: E402
+from pipeline.maps_io import save_maps  # noqa: E402
+from stages.refine_crf import WorkItem, background_score, refine_images, resolve_params  # noqa: E402
+
+
+def _cpu() -> float:
+    """CPU seconds of this process plus its finished (joined) worker processes."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def make_inputs(directory: Path, count: int, width: int, height: int, classes: int, seed: int = 0):
+    """JPEG images with elliptic objects and smooth noisy maps for them; returns work items
+    and the in-memory (image, maps) pairs for the bare baseline."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:height, :width].astype(np.float32)
+    items, arrays = [], []
+    for i in range(count):
+        image = np.empty((height, width, 3), np.float32)
+        image[:] = rng.uniform(30, 220, 3)
+        maps = []
+        for _ in range(classes):
+            cy, cx = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width
+            ry, rx = rng.uniform(0.1, 0.3) * height, rng.uniform(0.1, 0.3) * width
+            inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+            image[inside <= 1] = rng.uniform(30, 220, 3)
+            maps.append(np.clip(np.exp(-inside) + rng.normal(0, 0.1, inside.shape), 0, 1))
+        image = np.clip(image + rng.normal(0, 5, image.shape), 0, 255).astype(np.uint8)
+        maps = np.stack(maps).astype(np.float32)
+        image_path, maps_path = directory / f"{i:04d}.jpg", directory / f"{i:04d}.npy"
+        Image.fromarray(image).save(image_path, quality=90)
+        save_maps(maps_path, np.arange(1, classes + 1), maps)
+        stored = np.array(Image.open(image_path).convert("RGB"))
+        arrays.append((np.ascontiguousarray(stored), maps.astype(np.float16).astype(np.float32)))
+        items.append(WorkItem(f"{i:04d}", str(image_path), str(maps_path),
+                              str(directory / "out" / f"{i:04d}.png")))
+    return items, arrays
+
+
+def bare_crf(image: np.ndarray, maps: np.ndarray, params) -> None:
+    """What a user would write with pydensecrf directly: one call per CRF run."""
+    runs = [False] if params.second_background is None else [False, True]
+    h, w = image.shape[:2]
+    for second in runs:
+        scores = np.concatenate([background_score(maps, params, second)[None], maps])
+        n = scores.shape[0]
+        if params.unary == "labels":
+            unary = unary_from_labels(scores.argmax(0), n, params.gt_prob, zero_unsure=False)
+        else:
+            unary = unary_from_softmax(scores)
+        crf = dcrf.DenseCRF2D(w, h, n)
+        crf.setUnaryEnergy(np.ascontiguousarray(unary))
+        crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
+        crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb, rgbim=image,
+                                 compat=params.bilateral_compat)
+        np.asarray(crf.inference(params.iterations)).reshape(n, h, w).argmax(0)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--width", type=int, default=500)
+    parser.add_argument("--height", type=int, default=375)
+    parser.add_argument("--classes", type=int, default=3)
+    parser.add_argument("--preset", default="psa", choices=["psa", "irn", "clip_es", "toco"])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--chunk-size", type=int, default=2)
+    args = parser.parse_args(argv)
+    params = resolve_params(CRFConfig(preset=args.preset))
+    runs = 1 if params.second_background is None else 2
+
+    with tempfile.TemporaryDirectory(prefix="crf-bench-") as tmp:
+        items, arrays = make_inputs(Path(tmp), args.images, args.width, args.height, args.classes)
+        print(f"{args.images} images {args.width}x{args.height}, {args.classes} classes, preset "
+              f"{args.preset} ({runs} CRF run(s) per image, {params.iterations} iterations)")
+
+        start, cpu0 = time.perf_counter(), _cpu()
+        for image, maps in arrays:
+            bare_crf(image, maps, params)
+        bare, bare_cpu = (time.perf_counter() - start) / len(arrays), (_cpu() - cpu0) / len(arrays)
+
+        wall, cpu = {}, {}
+        for workers in sorted({1, args.workers}):
+            out = Path(tmp) / "out"
+            for png in out.glob("*.png"):
+                png.unlink()
+            start, cpu0 = time.perf_counter(), _cpu()
+            refine_images(items, params, workers=workers, chunk_size=args.chunk_size)
+            wall[workers], cpu[workers] = time.perf_counter() - start, _cpu() - cpu0
+
+    n = len(items)
+    print(f"bare pydensecrf      : {bare * 1000:8.1f} ms/image wall, {bare_cpu * 1000:8.1f} ms/image CPU "
+          f"({1 / bare:.2f} images/s)")
+    print(f"stage, 1 worker      : {wall[1] / n * 1000:8.1f} ms/image wall, {cpu[1] / n * 1000:8.1f} ms/image CPU "
+          f"({n / wall[1]:.2f} images/s); overhead vs bare {100 * (wall[1] / n / bare - 1):+.1f} % wall, "
+          f"{100 * (cpu[1] / n / bare_cpu - 1):+.1f} % CPU (target <= 10 %)")
+    if args.workers != 1:
+        k = args.workers
+        print(f"stage, {k} workers     : {wall[k] / n * 1000:8.1f} ms/image wall, {cpu[k] / n * 1000:8.1f} ms/image CPU "
+              f"({n / wall[k]:.2f} images/s); speed-up {wall[1] / wall[k]:.2f}x wall (target >= 1.8x "
+              f"with 2); CPU work per image vs 1 worker {cpu[k] / cpu[1]:.2f}x (1.00 = no parallel "
+              f"overhead: the speed-up is ~{k}x / that on {k} idle cores)")
+    load = os.getloadavg()[0]
+    print(f"load average {load:.1f} on {os.cpu_count()} cores during the run"
+          + (" - shared CPU: wall-clock figures are contended, CPU-time figures are not" if load > os.cpu_count() else ""))
+    self_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    child_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"peak memory (max RSS): main process {self_mb:.0f} MiB, largest worker {child_mb:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""``wsss up | down | status | deploy | deployments | submit | flow | demo``.
+
+``wsss demo`` is the main job: start the services (``wsss up``), deploy (``prefect deploy
+--all`` from prefect.yaml), run ``prefect deployment run wsss/demo --watch`` and print the
+summary table with the Prefect and MLflow UI links. Everything lives under the project's
+work directory ``work/`` (``$WSSS_HOME`` to move it).
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.cli import add_config_arguments, config_from_args
+
+FLOW_RUN_ID = re.compile(r"UUID:\s*([0-9a-f-]{36})")
+
+
+def _say(text: str) -> None:
+    print(f"[wsss] {text}", flush=True)
+
+
+def _home(args) -> Path:
+    from flows.paths import home
+
+    return Path(args.home).resolve() if getattr(args, "home", None) else home()
+
+
+def _print_rows(rows: list[dict]) -> None:
+    if not rows:
+        return
+    keys = list(rows[0])
+    table = [keys] + [[str(r[k]) for k in keys] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(keys))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+# ---------------------------------------------------------------------- services
+def _cmd_up(args) -> int:
+    from flows import services
+
+    start = time.time()
+    try:
+        services.up(_home(args), args.prefect_port, args.mlflow_port, say=_say)
+    except services.ServiceError as err:
+        print(f"wsss up: {err}", file=sys.stderr)
+        return 1
+    _say(f"services ready in {time.time() - start:.1f}s")
+    _print_rows(services.status(_home(args)))
+    return 0
+
+
+def _cmd_down(args) -> int:
+    from flows import services
+
+    services.down(_home(args), say=_say)
+    return 0
+
+
+def _cmd_status(args) -> int:
+    from flows import services
+
+    rows = services.status(_home(args))
+    _print_rows(rows)
+    return 0 if all(r["state"] == "healthy" for r in rows) else 1
+
+
+# ---------------------------------------------------------------------- deployments
+def _cmd_deployments(args) -> int:
+    from flows import deployments
+    from flows.paths import project_root
+
+    root = project_root()
+    if args.write:
+        _say(f"wrote {deployments.write(root)}")
+        return 0
+    stale = deployments.stale(root)
+    if stale:
+        print(f"prefect.yaml is stale for: {', '.join(stale)}; run `wsss deployments --write`",
+              file=sys.stderr)
+        return 1
+    _say("prefect.yaml matches the presets")
+    return 0
+
+
+def deploy(home: Path) -> None:
+    """``prefect deploy --all`` from the project root against the running services."""
+    from flows import deployments, services
+    from flows.paths import project_root
+
+    layout, state = services.require_running(home)
+    root = project_root()
+    stale = deployments.stale(root)
+    if stale:
+        _say(f"warning: prefect.yaml differs from the presets for {', '.join(stale)} "
+             "(`wsss deployments --write` regenerates it); runs started by wsss pass the full config")
+    env = services.client_env(layout, state)
+    result = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
+                            cwd=root, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise services.ServiceError(f"`prefect deploy --all` failed:\n{result.stdout[-4000:]}\n"
+                                    f"{result.stderr[-4000:]}")
+
+
+def _cmd_deploy(args) -> int:
+    from flows import services
+
+    start = time.time()
+    try:
+        deploy(_home(args))
+    except services.ServiceError as err:
+        print(f"wsss deploy: {err}", file=sys.stderr)
+        return 1
+    _say(f"deployed wsss/voc, wsss/coco, wsss/demo in {time.time() - start:.1f}s")
+    return 0
+
+
+# ---------------------------------------------------------------------- runs
+def submit(home: Path, deployment: str, config, stages: list[str] | None = None, force: bool = False,
+           watch: bool = True, echo: bool = True, timeout: float | None = None) -> tuple[int, str | None, str]:
+    """``prefect deployment run wsss/<deployment> [--watch]`` with the full config as
+    parameter; returns (exit code, flow-run id, output)."""
+    from flows import services
+    from pipeline.config import config_to_dict
+
+    layout, state = services.require_running(home)
+    params = {"config": config_to_dict(config)}
+    if stages:
+        params["stages"] = stages
+    if force:
+        params["force"] = True
+    command = [sys.executable, "-m", "prefect", "deployment", "run", f"wsss/{deployment}",
+               "--params", json.dumps(params)]
+    if watch:
+        command.append("--watch")
+    env = services.client_env(layout, state)
+    env["COLUMNS"] = "200"
+    process = subprocess.Popen(command, cwd=_root(), env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    lines, run_id = [], None
+    start = time.monotonic()
+    for line in process.stdout:
+        lines.append(line)
+        match = FLOW_RUN_ID.search(line)
+        if match and run_id is None:
+            run_id = match.group(1)
+        if echo and not line.lstrip().startswith("└── Parameters:"):
+            print(line, end="", flush=True)
+        if timeout and time.monotonic() - start > timeout:
+            process.kill()
+            break
+    return process.wait(), run_id, "".join(lines)
+
+
+def _root() -> Path:
+    from flows.paths import project_root
+
+    return project_root()
+
+
+def read_summary(config, run_id: str) -> dict | None:
+    """The summary the flow wrote to ``<workdir>/runs/<flow-run id>.json``."""
+    from flows.paths import resolve_workdir
+
+    path = resolve_workdir(config.workdir, _root()) / "runs" / f"{run_id}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def print_summary(summary: dict, state: dict) -> None:
+    from pipeline.mlflow_tracking import experiment_name
+
+    print()
+    _print_rows(summary["stages"])
+    print(f"\npipeline time {summary['seconds']:.1f}s, outputs under {summary['workdir']}")
+    prefect_url = state["prefect"].url
+    print(f"Prefect UI: {prefect_url}/runs/flow-run/{summary['flow_run_id']}")
+    if summary.get("mlflow_run_id"):
+        mlflow_url = state["mlflow"].url
+        experiment_id = summary.get("mlflow_experiment_id")
+        if experiment_id:
+            print(f"MLflow UI:  {mlflow_url}/#/experiments/{experiment_id}/runs/{summary['mlflow_run_id']}")
+        else:
+            print(f"MLflow UI:  {mlflow_url} (experiment {experiment_name(summary['config_name'])}, "
+                  f"run {summary['mlflow_run_id']})")
+
+
+def _run_and_report(args, deployment: str, config) -> int:
+    from flows import services
+
+    home = _home(args)
+    stages = args.stages.split(",") if args.stages else None
+    code, run_id, output = submit(home, deployment, config, stages, args.force, watch=not args.no_watch)
+    if run_id is None:
+        print("wsss: could not create the flow run (output above)", file=sys.stderr)
+        return code or 1
+    if args.no_watch:
+        return code
+    _, state = services.require_running(home)
+    summary = read_summary(config, run_id)
+    if summary is None:
+        print(f"wsss: flow run {run_id} wrote no summary (it failed: see the log above and "
+              f"{state['prefect'].url}/runs/flow-run/{run_id})", file=sys.stderr)
+        return code or 1
+    print_summary(summary, state)
+    return code
+
+
+def _cmd_submit(args) -> int:
+    from flows import services
+
+    if args.config is None:
+        args.config = args.deployment
+    try:
+        return _run_and_report(args, args.deployment, config_from_args(args))
+    except services.ServiceError as err:
+        print(f"wsss submit: {err}", file=sys.stderr)
+        return 1
+
+
+def _cmd_demo(args) -> int:
+    from flows import services
+
+    config = config_from_args(args)  # validated before anything starts
+    start = time.time()
+    try:
+        _say("starting services (wsss up)")
+        services.up(_home(args), args.prefect_port, args.mlflow_port, say=_say)
+        _say(f"services up after {time.time() - start:.1f}s; deploying (prefect deploy --all)")
+        deploy(_home(args))
+        _say(f"deployed after {time.time() - start:.1f}s; running prefect deployment run wsss/demo --watch")
+        code = _run_and_report(args, "demo", config)
+    except services.ServiceError as err:
+        print(f"wsss demo: {err}", file=sys.stderr)
+        return 1
+    _say(f"demo finished in {time.time() - start:.1f}s (services keep running: `wsss down` stops them)")
+    return code
+
+
+def _cmd_flow(args) -> int:
+    """The flow in this process (Prefect's ephemeral API unless PREFECT_API_URL is set)."""
+    from flows.wsss import wsss
+
+    config = config_from_args(args)
+    stages = args.stages.split(",") if args.stages else None
+    results = wsss(config=config, **({"stages": stages} if stages else {}), force=args.force)
+    from pipeline.cli_run import format_summary
+    from pipeline.storage import StageResult
+
+    print(format_summary([StageResult.from_dict(r) for r in results.values()]))
+    return 0
+
+
+# ---------------------------------------------------------------------- registration
+def _service_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", default=None,
+                        help="the project's work directory (default: $WSSS_HOME or <project>/work)")
+
+
+def _port_arguments(parser: argparse.ArgumentParser) -> None:
+    from flows.services import DEFAULT_MLFLOW_PORT, DEFAULT_PREFECT_PORT
+
+    parser.add_argument("--prefect-port", type=int, default=DEFAULT_PREFECT_PORT,
+                        help="Prefect server port (a free one is used when it is taken)")
+    parser.add_argument("--mlflow-port", type=int, default=DEFAULT_MLFLOW_PORT,
+                        help="MLflow server port (a free one is used when it is taken)")
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--stages", default="", help="comma-separated subset (default: all five)")
+    parser.add_argument("--force", action="store_true", help="recompute the selected stages")
+
+
+def add_commands(sub) -> None:
+    up = sub.add_parser("up", help="start the Prefect server, worker and MLflow server (idempotent)")
+    _service_arguments(up)
+    _port_arguments(up)
+    up.set_defaults(func=_cmd_up)
+
+    down = sub.add_parser("down", help="stop the services `wsss up` started")
+    _service_arguments(down)
+    down.set_defaults(func=_cmd_down)
+
+    status = sub.add_parser("status", help="URLs and health of the services")
+    _service_arguments(status)
+    status.set_defaults(func=_cmd_status)
+
+    dep = sub.add_parser("deploy", help="prefect deploy --all (deployments voc, coco, demo)")
+    _service_arguments(dep)
+    dep.set_defaults(func=_cmd_deploy)
+
+    gen = sub.add_parser("deployments", help="check (default) or --write prefect.yaml from the presets")
+    gen.add_argument("--write", action="store_true")
+    gen.set_defaults(func=_cmd_deployments)
+
+    run = sub.add_parser("submit", help="prefect deployment run wsss/<deployment> with a config")
+    run.add_argument("deployment", choices=["voc", "coco", "demo"])
+    _run_arguments(run)
+    _service_arguments(run)
+    run.add_argument("--no-watch", action="store_true", help="return once the run is created")
+    run.set_defaults(func=_cmd_submit, config=None)  # default: the deployment's preset
+
+    demo = sub.add_parser("demo", help="the main job: up, deploy, run wsss/demo, print the summary")
+    _run_arguments(demo)
+    _service_arguments(demo)
+    _port_arguments(demo)
+    demo.set_defaults(func=_cmd_demo, no_watch=False)
+
+    flow = sub.add_parser("flow", help="run the Prefect flow in this process (no deployment)")
+    _run_arguments(flow)
+    flow.set_defaults(func=_cmd_flow)

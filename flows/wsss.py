@@ -1,0 +1,270 @@
+"""The Prefect flow ``wsss``: one task per pipeline stage, nothing else.
+
+Each task calls :func:`stages.run_stage`, which owns the pipeline bookkeeping (provenance
+key, output directory, reuse of complete outputs, resume of interrupted ones, manifest,
+completion marker). The flow adds orchestration only:
+
+* the stage plan: the selected ``stages`` plus the stages they read (reused when their
+  output is complete, computed otherwise); ``force`` recomputes the selected ones;
+* caching across flow runs is the runner's on-disk provenance key
+  ``sha256(stage config, upstream keys, source of the stage module and every project module
+  it imports)`` checked against the completion marker *on disk* — so a "cache hit" whose
+  files were deleted recomputes, which Prefect's own result cache cannot tell. Prefect task
+  caching is therefore off (``NO_CACHE``); a reused stage ends in a ``Cached`` state;
+* a per-stage file lock (``<workdir>/.locks/<stage>-<key>.lock``): two flow runs with the
+  same config wait for each other instead of writing the same directory at once; runs with
+  different configs have different keys, hence different directories;
+* MLflow: one parent run per flow run (Prefect flow-run id, deployment, git commit, full
+  config), one child run per stage with the parent id passed explicitly, one grandchild per
+  segmentor (the stage calls ``tracker.child(model)``); a reused stage's child run is
+  tagged ``wsss.cached=true`` and points at the run that produced the output
+  (``wsss.source_run_id``);
+* Prefect UI: log lines per epoch, a progress artifact per stage, and a final summary table
+  artifact (stage, key, cached?, duration, headline metric).
+
+Do not add ``from __future__ import annotations`` here: runs executed by ``serve`` / a
+worker would then fail to validate the pydantic ``config`` parameter.
+"""
+
+import contextlib
+import fcntl
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
+
+from flows.paths import home, project_root, resolve_workdir
+from flows.progress import FileCounter, Progress, StageTracker, StepCounter
+from pipeline.cli_run import format_summary
+from pipeline.config import PipelineConfig, flatten, preset
+from pipeline.storage import StageResult, atomic_write_json, is_complete, stage_dir
+from pipeline.tracking import NULL_TRACKER, Tracker
+from stages import STAGE_ORDER, STAGES, check_stage_names, needed_stages, run_stage, stage_config, stage_key
+
+StageName = Literal[STAGE_ORDER]  # type: ignore[valid-type]  # the five names, for the schema
+SUMMARY_KEY = "wsss-summary"
+TRACKING_ENV = "WSSS_TRACKING"  # "off" disables MLflow (plain Prefect runs, unit tests)
+
+
+# ---------------------------------------------------------------------- tracking handle
+def tracking_enabled() -> bool:
+    return os.environ.get(TRACKING_ENV, "on").lower() not in ("off", "0", "false", "no")
+
+
+def _stage_tracker(tracking: Optional[dict], name: str, config: PipelineConfig) -> Tracker:
+    """The MLflow child run of stage ``name`` under the flow's parent run (explicit parent id)."""
+    if not tracking:
+        return NULL_TRACKER
+    from pipeline.mlflow_tracking import MlflowTracker, _client
+
+    client = _client(tracking["uri"])
+    tracker = MlflowTracker.start(client, tracking["experiment_id"], name,
+                                  parent_run_id=tracking["parent_run_id"],
+                                  tags={"wsss.stage": name})
+    tracker.log_params(flatten(stage_config(config, name)))
+    return tracker
+
+
+def _progress_for(name: str, config: PipelineConfig, out_dir: Path, flow_run_key: str):
+    """Progress artifact and how to measure it for stage ``name`` (see flows.progress)."""
+    key = f"{flow_run_key}-{name}".replace("_", "-").lower()
+    progress = Progress(key, f"{name}: progress")
+    steps, counter = None, None
+    if name == "train_classifier":
+        steps = StepCounter(config.classifier.epochs)
+    elif name == "train_segmentor":
+        steps = StepCounter(config.segmentor.iterations, units=len(config.segmentor.models))
+    elif name in ("generate_cams", "refine_crf"):
+        try:
+            from pipeline.data import build_dataset
+
+            split = config.maps.split or config.data.train_split
+            total = len(build_dataset(config.data, split).ids)
+        except Exception:  # progress is cosmetic: never fail a stage over it
+            total = 0
+        if total:
+            pattern = "*.npy" if name == "generate_cams" else "*.png"
+            counter = FileCounter(out_dir, pattern, total, progress.set)
+    return progress, steps, counter
+
+
+@contextlib.contextmanager
+def _stage_lock(workdir: Path, name: str, key: str):
+    """Exclusive lock for one stage output across processes (flow runs, workers)."""
+    lock_dir = Path(workdir) / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{name}-{key}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------- the stage task
+def _run_stage_task(name: str, config: PipelineConfig, upstream: dict[str, StageResult],
+                    force: bool = False, tracking: Optional[dict] = None,
+                    progress_key: str = "wsss"):
+    """Body of every stage task: lock, track, ``stages.run_stage``, report."""
+    logger = get_run_logger()
+    key = stage_key(config, name, {u: upstream[u].key for u in STAGES[name].upstream})
+    out_dir = stage_dir(config.workdir, name, key)
+    logger.info("%s: key %s -> %s", name, key, resolve_workdir(out_dir))
+    with _stage_lock(config.workdir, name, key):
+        will_reuse = is_complete(out_dir) and not force
+        inner = _stage_tracker(tracking, name, config)
+        progress, steps, counter = (None, None, None) if will_reuse else \
+            _progress_for(name, config, out_dir, progress_key)
+        tracker = StageTracker(inner, name, logger, progress=progress, steps=steps)
+        if counter:
+            counter.start()
+        try:
+            result = run_stage(name, config, upstream, tracker, force=force)
+        except BaseException:
+            tracker.close("FAILED")
+            raise
+        finally:
+            if counter:
+                counter.stop()
+        if progress:
+            progress.finish()
+        _report_stage(tracker, inner, result, tracking)
+        tracker.close("FINISHED")
+    verb = "reused" if result.cached else f"done in {result.duration_s:.1f}s"
+    logger.info("%s: %s %s", name, verb, _headline(result))
+    if result.cached:
+        return Completed(data=result, name="Cached", message=f"reused output {result.key}")
+    return result
+
+
+def _report_stage(tracker: Tracker, inner: Tracker, result: StageResult,
+                  tracking: Optional[dict]) -> None:
+    """Metrics, tags and artifacts of a finished (or reused) stage on its MLflow child run."""
+    if not tracking:
+        return
+    numeric = {k: v for k, v in result.metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if numeric:
+        inner.log_metrics(numeric)
+    tags = {"wsss.key": result.key, "wsss.output": str(resolve_workdir(result.path)),
+            "wsss.cached": str(result.cached).lower()}
+    if isinstance(result.metrics.get("headline"), str):
+        tags["wsss.headline"] = result.metrics["headline"]
+    if result.cached:
+        tags["wsss.source_run_id"] = str(result.run_id)
+        tags["mlflow.note.content"] = (f"Reused output `{result.key}` of stage {result.stage}, "
+                                       f"produced by run {result.run_id}.")
+    inner.set_tags(tags)
+    out = Path(result.path)
+    if (out / "manifest.json").is_file():
+        inner.log_artifact(out / "manifest.json")
+    if result.cached:
+        return
+    for rel in sorted(set(result.files.values())) if result.files else []:
+        path = out / rel
+        if path.is_file() and path.stat().st_size <= 200 * 2**20:
+            inner.log_artifact(path, str(Path(rel).parent) if Path(rel).parent != Path(".") else None)
+        elif path.is_dir() and sum(1 for _ in path.rglob("*")) <= 200:
+            inner.log_artifact(path, rel)
+
+
+def _headline(result: StageResult) -> str:
+    headline = result.metrics.get("headline")
+    if isinstance(headline, str):
+        return headline
+    numeric = [(k, v) for k, v in result.metrics.items() if isinstance(v, (int, float))]
+    return f"{numeric[0][0]}={numeric[0][1]:.4g}" if numeric else ""
+
+
+STAGE_TASKS = {name: task(_run_stage_task, name=name, cache_policy=NO_CACHE, persist_result=False)
+               for name in STAGE_ORDER}
+
+
+# ---------------------------------------------------------------------- the flow
+def _start_tracking(config: PipelineConfig, run_name: str, tags: dict[str, str]):
+    from pipeline.mlflow_tracking import default_tracking_uri, start_pipeline_run
+
+    uri = default_tracking_uri(home())
+    parent = start_pipeline_run(config, uri, home() / "mlflow" / "artifacts", run_name, tags=tags)
+    return parent, {"uri": uri, "experiment_id": parent.experiment_id, "parent_run_id": parent.run_id}
+
+
+def summary_rows(results: dict[str, StageResult]) -> list[dict[str, Any]]:
+    return [{"stage": r.stage, "key": r.key, "cached": "yes" if r.cached else "no",
+             "seconds": round(r.duration_s, 1), "headline": _headline(r)} for r in results.values()]
+
+
+@flow(name="wsss", log_prints=True, persist_result=False)
+def wsss(config: PipelineConfig = preset("demo"),
+         stages: list[StageName] = list(STAGE_ORDER),
+         force: bool = False) -> dict[str, dict[str, Any]]:
+    """Weakly-supervised semantic segmentation, end to end: train the MCIS classifier, make
+    localization maps, refine them with a dense CRF, train the segmentors on the pseudo-masks,
+    evaluate. ``stages`` picks a subset (their inputs are reused or computed); ``force``
+    recomputes the selected stages."""
+    from prefect.runtime import deployment, flow_run
+
+    logger = get_run_logger()
+    selected = check_stage_names(stages)
+    plan = needed_stages(selected)
+    run_id, run_name = str(flow_run.id or "local"), flow_run.name or "local"
+    workdir = resolve_workdir(config.workdir)
+    logger.info("wsss %s: stages %s (selected %s, force=%s), workdir %s",
+                config.name, ", ".join(plan), ", ".join(selected), force, workdir)
+
+    parent, tracking = None, None
+    if tracking_enabled():
+        parent, tracking = _start_tracking(config, run_name, {
+            "prefect.flow_run_id": run_id, "prefect.flow_run_name": run_name,
+            "prefect.deployment": deployment.name or "none",
+            "prefect.flow_run_url": flow_run.ui_url or "",
+            "mlflow.source.git.commit": _git_commit(), "wsss.stages": ",".join(plan),
+            "wsss.force": str(force).lower(), "wsss.workdir": str(workdir)})
+        logger.info("MLflow run %s (experiment %s) at %s", parent.run_id, tracking["experiment_id"],
+                    tracking["uri"])
+
+    results: dict[str, StageResult] = {}
+    start = time.time()
+    try:
+        for name in plan:
+            upstream = {u: results[u] for u in STAGES[name].upstream}
+            state = STAGE_TASKS[name](name, config, upstream, force=force and name in selected,
+                                      tracking=tracking, progress_key=f"wsss-{run_id[:8]}",
+                                      return_state=True)
+            results[name] = state.result()  # re-raises a failed stage's exception
+    except BaseException:
+        if parent:
+            parent.close("FAILED")
+        raise
+
+    rows = summary_rows(results)
+    table = format_summary(results.values())
+    create_table_artifact(rows, key=SUMMARY_KEY, description=f"wsss {config.name}: stage summary")
+    summary = {"flow_run_id": run_id, "flow_run_name": run_name, "config_name": config.name,
+               "workdir": str(workdir), "seconds": round(time.time() - start, 1), "stages": rows,
+               "mlflow_run_id": parent.run_id if parent else None,
+               "mlflow_experiment_id": tracking["experiment_id"] if tracking else None,
+               "results": {n: r.to_dict() for n, r in results.items()}}
+    summary_path = workdir / "runs" / f"{run_id}.json"
+    atomic_write_json(summary_path, summary)
+    logger.info("summary (%s):\n%s", summary_path, table)
+    if parent:
+        parent.log_metrics({f"{r.stage}.{k}": v for r in results.values() for k, v in r.metrics.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        parent.set_tags({f"wsss.cached.{r.stage}": str(r.cached).lower() for r in results.values()})
+        parent.log_artifact(summary_path, "summary")
+        parent.close("FINISHED")
+    create_markdown_artifact("```\n" + table + "\n```", key=f"{SUMMARY_KEY}-text",
+                             description="the table `wsss demo` prints")
+    return {n: r.to_dict() for n, r in results.items()}
+
+
+def _git_commit() -> str:
+    from pipeline.mlflow_tracking import git_commit
+
+    return git_commit(project_root())

@@ -1,0 +1,44 @@
+"""Datasets (VOC, COCO, synthetic), pair sampling and joint transforms.
+
+Entry point: :func:`build_dataset` turns a :class:`~pipeline.config.DataConfig` and a split
+name into a :class:`SegDataset` (image, mask with 255 = ignore, image-level labels, id).
+"""
+
+from pathlib import Path
+
+from pipeline.data.base import IGNORE_INDEX, DatasetError, SegDataset, labels_from_mask, read_split_file
+from pipeline.data.synthetic import generate_synthetic, is_generated, synthetic_class_names
+from pipeline.data.voc import VOC_CLASSES, voc_dataset
+
+__all__ = ["build_dataset", "SegDataset", "DatasetError", "IGNORE_INDEX", "VOC_CLASSES",
+           "generate_synthetic", "is_generated", "synthetic_class_names", "labels_from_mask",
+           "read_split_file", "voc_dataset"]
+
+
+def build_dataset(data_cfg, split: str, mask_dir: Path | None = None, transform=None,
+                  require_labels: bool = False) -> SegDataset:
+    """The ``split`` of the dataset ``data_cfg`` describes.
+
+    * ``synthetic``: generates the VOC-layout tree at ``data_cfg.root`` first when it is
+      missing, unfinished or from another generator config; then reads it as VOC.
+    * ``voc``: VOCdevkit/VOC2012 layout (``train_aug`` uses SBD's SegmentationClassAug).
+    * ``coco``: instances JSON of ``data_cfg.coco_year``; masks rasterised once and cached.
+
+    ``mask_dir`` replaces the ground-truth masks by ``<mask_dir>/<id>.png``;
+    ``require_labels`` makes an image without any foreground label an error (stage 1).
+    """
+    root = Path(data_cfg.root)
+    if data_cfg.dataset == "synthetic":
+        generate_synthetic(root, data_cfg.synthetic)
+        return voc_dataset(root, split, mask_dir=mask_dir, transform=transform,
+                           require_labels=require_labels, name="synthetic")
+    if data_cfg.dataset == "voc":
+        return voc_dataset(root, split, mask_dir=mask_dir, transform=transform,
+                           label_source=data_cfg.label_source, labels_file=data_cfg.labels_file,
+                           require_labels=require_labels, name="voc")
+    if data_cfg.dataset == "coco":
+        from pipeline.data.coco import coco_dataset
+        return coco_dataset(root, split, year=data_cfg.coco_year, classes=data_cfg.coco_classes,
+                            mapping=data_cfg.coco_mapping, mask_dir=mask_dir, transform=transform,
+                            require_labels=require_labels)
+    raise DatasetError(f"data.dataset: unknown dataset {data_cfg.dataset!r} (synthetic, voc, coco)")

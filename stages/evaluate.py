@@ -1,0 +1,319 @@
+"""Stage 5: one call scores the three products of the pipeline.
+
+1. the localization maps of stage 2 (``pipeline.map_eval.evaluate_maps``),
+2. the pseudo-masks of stage 3 (``pipeline.mask_eval.evaluate_masks``),
+3. every segmentor of stage 4 on ``evaluation.split`` (default ``data.val_split``).
+
+Segmentor inference (test-time augmentation as in mmsegmentation): for each scale ``s`` in
+``evaluation.scales`` the image is resized bilinearly to ``round(s·H) x round(s·W)``; for each
+of the (optionally) flipped copies the logits are computed on the whole image
+(``mode="whole"``) or by a sliding window (``mode="slide"``: ``crop_size`` windows every
+``stride`` pixels, the last window of a row/column aligned to the border, logits of
+overlapping windows averaged), un-flipped, resized back to ``H x W`` and turned into
+probabilities. The prediction is the argmax of their mean::
+
+    P(x) = 1/|S||F| Σ_{s∈S} Σ_{f∈F} f⁻¹( resize_{H×W}( softmax( g(f(resize_s(x))) ) ) )
+
+With ``evaluation.crf`` the mean probability map is refined by stage 3's dense CRF
+(``stages.refine_crf.crf_posterior`` with the parameters of ``config.crf``: unary
+``-log max(p, 1e-5)``, the preset's Gaussian and bilateral terms) before the argmax.
+
+Scores follow the VOC protocol: one confusion matrix over the whole split (rows = ground
+truth, columns = prediction), ground-truth 255 ignored, IoU per class, mIoU = mean over the
+classes that occur. Segmentors never predict 255. Outputs in ``out_dir``: ``metrics.json``
+(scores, conventions, confusion matrices), ``per_class_iou.csv`` / ``.md`` (one column per
+scored product), and per segmentor ``<model>/confusion_matrix.json`` / ``.png``,
+``<model>/predictions/<id>.png`` (palette PNGs) and ``<model>/previews/<id>.png`` (image |
+prediction overlay | ground-truth overlay). Predictions already on disk are read back instead
+of recomputed, so an interrupted evaluation resumes.
+"""
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from models.segmentors import resize_to
+from pipeline import runtime
+from pipeline.config import EvaluationConfig, PipelineConfig
+from pipeline.data import build_dataset
+from pipeline.data.palette import read_label_png, save_label_png, voc_palette
+from pipeline.data.transforms import normalize
+from pipeline.metrics import IGNORE_INDEX, ConfusionMatrix
+from pipeline.storage import StageResult, atomic_path, atomic_write_json, atomic_write_text
+from pipeline.tracking import NULL_TRACKER, Tracker
+from stages.refine_crf import crf_posterior, resolve_params
+from stages.train_segmentor import MODEL_FILE, load_trained
+
+NAME = "evaluate"
+
+
+# --------------------------------------------------------------------------- inference
+def _window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Window origins along one axis: every ``stride``, the last one flush with the border."""
+    if length <= crop:
+        return [0]
+    count = (length - crop + stride - 1) // stride + 1
+    return sorted({min(i * stride, length - crop) for i in range(count)})
+
+
+def slide_logits(model, x: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
+    """Logits of ``x`` (N,3,H,W) by ``crop x crop`` windows every ``stride`` pixels.
+
+    Windows are clipped to the image (smaller images give one window of the image size);
+    where windows overlap, their logits are averaged.
+    """
+    if stride > crop:
+        raise ValueError(f"evaluation.stride ({stride}) must not exceed evaluation.crop_size ({crop})")
+    _, _, h, w = x.shape
+    total = None
+    count = torch.zeros(1, 1, h, w, device=x.device)
+    for y0 in _window_starts(h, crop, stride):
+        for x0 in _window_starts(w, crop, stride):
+            y1, x1 = min(y0 + crop, h), min(x0 + crop, w)
+            window = x[:, :, y0:y1, x0:x1]
+            logits = resize_to(model(window)["out"].float(), window.shape[-2:])
+            if total is None:
+                total = torch.zeros(x.shape[0], logits.shape[1], h, w, device=x.device)
+            total[:, :, y0:y1, x0:x1] += logits
+            count[:, :, y0:y1, x0:x1] += 1
+    return total / count
+
+
+def whole_logits(model, x: torch.Tensor) -> torch.Tensor:
+    return resize_to(model(x)["out"].float(), x.shape[-2:])
+
+
+@torch.no_grad()
+def predict_probs(model, x: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False,
+                  mode: str = "whole", crop_size: int = 512, stride: int = 341) -> torch.Tensor:
+    """Mean class probabilities (N, C, H, W) over scales and flips (module docstring)."""
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"evaluation.mode must be 'whole' or 'slide', got {mode!r}")
+    if not scales or any(s <= 0 for s in scales):
+        raise ValueError(f"evaluation.scales must be positive, got {list(scales)}")
+    h, w = x.shape[-2:]
+    total, n = None, 0
+    for scale in scales:
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        xs = x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        for flipped in ((False, True) if flip else (False,)):
+            xi = xs.flip(-1) if flipped else xs
+            logits = whole_logits(model, xi) if mode == "whole" else slide_logits(model, xi, crop_size, stride)
+            if flipped:
+                logits = logits.flip(-1)
+            probs = F.softmax(resize_to(logits, (h, w)), dim=1)
+            total = probs if total is None else total + probs
+            n += 1
+    return total / n
+
+
+def predict_image(model, image: np.ndarray, cfg: EvaluationConfig, device: torch.device,
+                  crf_params=None) -> np.ndarray:
+    """Label map (H, W) uint8 of one RGB uint8 image under the evaluation settings;
+    ``crf_params`` (stage 3's :class:`~stages.refine_crf.CRFParams`) refines the mean
+    probabilities with the dense CRF before the argmax."""
+    x = normalize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))[None].to(device)
+    with runtime.autocast(device, True):
+        probs = predict_probs(model, x, cfg.scales, cfg.flip, cfg.mode, cfg.crop_size, cfg.stride)
+    probs = probs[0].float().cpu().numpy()
+    if crf_params is not None:
+        probs = crf_posterior(image, probs, crf_params)
+    return probs.argmax(0).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- pictures
+def colourise(mask: np.ndarray) -> np.ndarray:
+    """VOC palette colours (H, W, 3) of a label map."""
+    palette = np.asarray(voc_palette(), dtype=np.uint8).reshape(256, 3)
+    return palette[np.asarray(mask, dtype=np.uint8)]
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """The image with the mask's colours blended in (background and 255 left as the image)."""
+    colours = colourise(mask).astype(np.float32)
+    keep = ((mask == 0) | (mask == IGNORE_INDEX))[..., None]
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * colours
+    return np.where(keep, image, blended).round().clip(0, 255).astype(np.uint8)
+
+
+def preview_grid(image: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """``image | prediction overlay | ground-truth overlay`` side by side, 4-px white gaps."""
+    gap = np.full((image.shape[0], 4, 3), 255, dtype=np.uint8)
+    return np.concatenate([image, gap, overlay(image, pred), gap, overlay(image, gt)], axis=1)
+
+
+def save_rgb_png(path: Path, array: np.ndarray) -> None:
+    with atomic_path(Path(path)) as tmp:
+        Image.fromarray(np.asarray(array, dtype=np.uint8)).save(tmp, format="PNG")
+
+
+def confusion_image(matrix: np.ndarray, class_names: Sequence[str], cell: int = 24) -> np.ndarray:
+    """Row-normalised confusion matrix as a heat map (white 0 -> dark blue 1), class indices
+    on both axes (rows = ground truth, columns = prediction)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    rows = m.sum(1, keepdims=True)
+    norm = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
+    c = len(class_names)
+    margin = 28
+    canvas = Image.new("RGB", (margin + c * cell, margin + c * cell), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i in range(c):
+        draw.text((margin + i * cell + 4, 8), str(i), fill="black")
+        draw.text((4, margin + i * cell + 6), str(i), fill="black")
+        for j in range(c):
+            v = norm[i, j]
+            colour = tuple(int(round(255 - v * (255 - t))) for t in (8, 48, 107))
+            box = [margin + j * cell, margin + i * cell, margin + (j + 1) * cell - 1, margin + (i + 1) * cell - 1]
+            draw.rectangle(box, fill=colour, outline=(220, 220, 220))
+    return np.asarray(canvas)
+
+
+# --------------------------------------------------------------------------- tables
+def _per_class(summary: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Per-class IoU of a score dict (``evaluate_masks`` nests it under ``ignore_dropped``)."""
+    if "per_class_iou" in summary:
+        return summary["per_class_iou"]
+    return summary.get("ignore_dropped", {}).get("per_class_iou", {})
+
+
+def per_class_rows(class_names: Sequence[str], scores: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+    """Header + one row per class + an mIoU row; one column per scored product."""
+    header = ["class"] + list(scores)
+    rows = [header]
+    for name in class_names:
+        row = [name]
+        for summary in scores.values():
+            value = _per_class(summary).get(name)
+            row.append("" if value is None else f"{100 * value:.2f}")
+        rows.append(row)
+    rows.append(["mIoU"] + [f"{100 * s['miou']:.2f}" if s.get("miou") is not None else "" for s in scores.values()])
+    return rows
+
+
+def write_tables(out_dir: Path, rows: list[list[str]]) -> None:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    atomic_write_text(out_dir / "per_class_iou.csv", buffer.getvalue())
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    atomic_write_text(out_dir / "per_class_iou.md", "IoU (%) per class\n\n" + "\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------- one segmentor
+def evaluate_segmentor(model_path: Path, dataset, cfg: EvaluationConfig, out_dir: Path,
+                       device: torch.device, crf_params=None) -> dict[str, Any]:
+    """Score one trained segmentor on ``dataset`` (its ground-truth masks); writes
+    predictions, previews and the confusion matrix into ``out_dir``."""
+    model, state = load_trained(model_path, num_classes=dataset.num_classes, device=device)
+    cm = ConfusionMatrix(dataset.num_classes)
+    pred_dir, preview_dir = out_dir / "predictions", out_dir / "previews"
+    for index, image_id in enumerate(dataset.ids):
+        gt = dataset.load_mask(image_id)
+        pred_path = pred_dir / f"{image_id}.png"
+        image = None
+        if pred_path.is_file():
+            pred = read_label_png(pred_path)
+        else:
+            image = dataset.load_image(image_id)
+            pred = predict_image(model, image, cfg, device, crf_params)
+            save_label_png(pred_path, pred)
+        if pred.shape != gt.shape:
+            raise ValueError(f"prediction {pred_path} has shape {pred.shape}, ground truth of "
+                             f"{image_id} {gt.shape}")
+        cm.update(pred, gt)
+        if index < cfg.previews:
+            image = dataset.load_image(image_id) if image is None else image
+            save_rgb_png(preview_dir / f"{image_id}.png", preview_grid(image, pred, gt))
+    summary = cm.summary(dataset.class_names)
+    atomic_write_json(out_dir / "confusion_matrix.json", {
+        "classes": list(dataset.class_names), "rows": "ground truth", "columns": "prediction",
+        "matrix": summary["confusion_matrix"]})
+    save_rgb_png(out_dir / "confusion_matrix.png", confusion_image(cm.matrix.numpy(), dataset.class_names))
+    summary["images"] = len(dataset.ids)
+    summary["checkpoint"] = str(model_path)
+    return summary
+
+
+# --------------------------------------------------------------------------- the stage
+def conventions(config: PipelineConfig, split: str) -> dict[str, Any]:
+    ev = config.evaluation
+    return {
+        "segmentor_split": split,
+        "maps_split": config.maps.split or config.data.train_split,
+        "pseudo_mask_split": config.data.train_split,
+        "maps_background": ("fixed threshold %.2f" % ev.map_threshold if ev.map_threshold is not None
+                            else "best of a threshold sweep"),
+        "ground_truth_255": "ignored (pixels left out of every confusion matrix)",
+        "predicted_255": "pseudo-masks: see pseudo_masks.pred_ignore; segmentors never predict 255",
+        "segmentor_inference": (f"{'multi-scale ' + str(ev.scales) if len(ev.scales) > 1 else 'single-scale'}"
+                                f"{' + flip' if ev.flip else ''}, {ev.mode}"
+                                + (f" (crop {ev.crop_size}, stride {ev.stride})" if ev.mode == "slide" else "")),
+        "crf": bool(ev.crf),
+        "initialisation": ("ImageNet" if config.segmentor.pretrained else "random") + f" {config.segmentor.backbone}",
+        "miou": "mean IoU over the classes present in ground truth or prediction, one matrix per split",
+    }
+
+
+def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Path,
+        tracker: Tracker = NULL_TRACKER) -> StageResult:
+    from pipeline.map_eval import evaluate_maps
+    from pipeline.mask_eval import evaluate_masks
+
+    ev = config.evaluation
+    missing = [s for s in ("generate_cams", "refine_crf", "train_segmentor") if s not in upstream]
+    if missing:
+        raise ValueError(f"evaluate needs the outputs of {', '.join(missing)}")
+    if ev.mode == "slide" and ev.stride > ev.crop_size:
+        raise ValueError(f"evaluation.stride ({ev.stride}) must not exceed evaluation.crop_size ({ev.crop_size})")
+    out_dir = Path(out_dir)
+    split = ev.split or config.data.val_split
+    device = runtime.select_device(config.device)
+    seg_dir = Path(upstream["train_segmentor"].path)
+    models = sorted(p.parent.name for p in seg_dir.glob(f"*/{MODEL_FILE}"))
+    if not models:
+        raise FileNotFoundError(f"no trained segmentor ({MODEL_FILE}) under {seg_dir}")
+    dataset = build_dataset(config.data, split)
+    # class-count mismatches fail before any image is scored
+    for name in models:
+        state = runtime.load_checkpoint(seg_dir / name / MODEL_FILE)
+        if state.get("num_classes") != dataset.num_classes:
+            raise ValueError(f"checkpoint {seg_dir / name / MODEL_FILE} has {state.get('num_classes')} "
+                             f"classes but the configured dataset has {dataset.num_classes}")
+
+    scores: dict[str, dict[str, Any]] = {}
+    scores["maps"] = evaluate_maps(config, Path(upstream["generate_cams"].path))
+    mask_split = config.maps.split or config.data.train_split
+    scores["pseudo_masks"] = evaluate_masks(Path(upstream["refine_crf"].path),
+                                            build_dataset(config.data, mask_split), missing="skip")
+    scores["pseudo_masks"]["split"] = mask_split
+    crf_params = resolve_params(config.crf) if ev.crf else None
+    for name in models:
+        scores[name] = evaluate_segmentor(seg_dir / name / MODEL_FILE, dataset, ev, out_dir / name,
+                                          device, crf_params)
+        scores[name]["split"] = split
+        child = tracker.child(name)
+        child.log_metrics({"miou": scores[name]["miou"], "pixel_accuracy": scores[name]["pixel_accuracy"]})
+        child.log_artifact(out_dir / name / "confusion_matrix.png")
+
+    write_tables(out_dir, per_class_rows(dataset.class_names, scores))
+    atomic_write_json(out_dir / "metrics.json", {"conventions": conventions(config, split), "scores": scores})
+    metrics: dict[str, Any] = {"maps_miou": scores["maps"]["miou"],
+                               "pseudo_mask_miou": scores["pseudo_masks"]["miou"]}
+    metrics.update({f"{name}_miou": scores[name]["miou"] for name in models})
+    metrics["headline"] = (f"maps {100 * metrics['maps_miou']:.1f} | pseudo-masks "
+                           f"{100 * metrics['pseudo_mask_miou']:.1f} | "
+                           + ", ".join(f"{n} {100 * scores[n]['miou']:.1f}" for n in models)
+                           + f" mIoU ({split})")
+    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+    for name in ("metrics.json", "per_class_iou.md"):
+        tracker.log_artifact(out_dir / name)
+    files = {"metrics": "metrics.json", "table_csv": "per_class_iou.csv", "table_md": "per_class_iou.md"}
+    files.update({f"{n}_confusion": f"{n}/confusion_matrix.png" for n in models})
+    return StageResult(stage=NAME, key="", path=str(out_dir), metrics=metrics, files=files)

@@ -1,0 +1,343 @@
+"""Stage 1: train the MCIS co-attention classifier on image pairs (Sun et al., ECCV 2020).
+
+Recipe (official code, all configurable in ``config.classifier``): pairs ``(I_m, I_n)``
+sharing at least one label (:class:`pipeline.data.pairs.PairSampler`, seeded per epoch);
+images resized to ``image_size`` squares, random horizontal flip, colour jitter
+(0.3, 0.3, 0.3, 0.1), ImageNet mean/std; SGD momentum 0.9 Nesterov, weight decay 5e-4,
+lr 1e-3 with the per-group multipliers of
+:meth:`~models.coattention.CoAttentionClassifier.param_groups`; lr x0.1 at epochs 5 and 10;
+15 epochs; 5 pairs per step. Every step:
+
+    L = L_basic(m, n) + L_co-att(m, n) + w_con L_con-co-att(m, n)
+        + sum over copies x in {flip(I_m), 0.75x I_m, 2x I_m}: L_basic(x) + L_co-att(I_m, x)
+
+with ``w_con = 1`` from ``contrastive_from_epoch`` on and only when some image of the batch
+has a label its partner lacks (else 0: the term is still computed so every parameter gets a
+gradient, which DDP needs). Self-pairs are switchable (``self_pairs``).
+
+Files in ``out_dir``: ``checkpoints/epoch_XXX.pt`` (model weights + metadata, every epoch),
+``resume.pt`` (the latest epoch's full state: model, optimizer, scheduler, AMP scaler, RNG
+state) and ``history.json`` (epoch metrics). All are written atomically. A killed run
+restarts from ``resume.pt``; since every epoch reseeds its pair order and augmentations from
+``(seed, epoch)``, the resumed run ends with the same weights as an uninterrupted one.
+
+DDP: under ``torchrun`` each rank trains on its share of every epoch's pairs (rank r takes
+pairs r, r + W, ...); rank 0 writes the files and logs, the others wait at a barrier.
+"""
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from models.coattention import CoAttentionClassifier, mcis_losses, pair_targets, self_pair_losses
+from pipeline import runtime
+from pipeline.config import PipelineConfig
+from pipeline.data import build_dataset
+from pipeline.data.pairs import PairSampler
+from pipeline.data.transforms import normalize
+from pipeline.storage import StageResult, atomic_write_json
+from pipeline.tracking import NULL_TRACKER, Tracker
+
+NAME = "train_classifier"
+CHECKPOINT_DIR = "checkpoints"
+RESUME_FILE = "resume.pt"
+HISTORY_FILE = "history.json"
+SELF_PAIR_SCALES = (0.75, 2.0)
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A classifier checkpoint is missing, unreadable or does not fit the expected model."""
+
+
+# --------------------------------------------------------------------------- checkpoints
+def checkpoint_path(out_dir: Path, epoch: int) -> Path:
+    """``<out_dir>/checkpoints/epoch_XXX.pt`` for a 1-based epoch number."""
+    return Path(out_dir) / CHECKPOINT_DIR / f"epoch_{epoch:03d}.pt"
+
+
+def list_checkpoints(out_dir: Path) -> dict[int, Path]:
+    found = {}
+    for path in sorted((Path(out_dir) / CHECKPOINT_DIR).glob("epoch_*.pt")):
+        try:
+            found[int(path.stem.split("_")[1])] = path
+        except ValueError:
+            continue
+    return found
+
+
+def model_meta(model: CoAttentionClassifier, class_names: list[str], image_size: int,
+               backbone_options: Mapping[str, Any]) -> dict[str, Any]:
+    return {"backbone": model.backbone_name, "num_classes": model.num_classes,
+            "class_names": list(class_names), "feature_channels": model.feature_channels,
+            "extra_convs": sum(isinstance(m, nn.Conv2d) for m in model.extra),
+            "backbone_options": dict(backbone_options), "image_size": image_size}
+
+
+def build_from_meta(meta: Mapping[str, Any]) -> CoAttentionClassifier:
+    return CoAttentionClassifier(meta["num_classes"], backbone=meta["backbone"], pretrained=False,
+                                 feature_channels=meta["feature_channels"],
+                                 extra_convs=meta["extra_convs"],
+                                 backbone_options=meta.get("backbone_options") or {})
+
+
+def check_meta(meta: Mapping[str, Any], path: Path, backbone: str | None = None,
+               num_classes: int | None = None, feature_channels: int | None = None) -> None:
+    """Raise :class:`CheckpointError` naming both sides when the checkpoint's architecture
+    or class count is not the expected one."""
+    if backbone is not None and meta.get("backbone") != backbone:
+        raise CheckpointError(f"checkpoint {path} holds a classifier with backbone "
+                              f"{meta.get('backbone')!r}, but backbone {backbone!r} is expected")
+    if feature_channels is not None and meta.get("feature_channels") != feature_channels:
+        raise CheckpointError(f"checkpoint {path} has {meta.get('feature_channels')} feature channels, "
+                              f"but {feature_channels} are expected")
+    if num_classes is not None and meta.get("num_classes") != num_classes:
+        raise CheckpointError(f"checkpoint {path} was trained for {meta.get('num_classes')} classes, "
+                              f"but the dataset has {num_classes} foreground classes")
+
+
+def load_classifier(path: Path, backbone: str | None = None, num_classes: int | None = None,
+                    map_location: str | torch.device = "cpu") -> tuple[CoAttentionClassifier, dict]:
+    """Model and metadata from an ``epoch_XXX.pt`` (or ``resume.pt``) file, checked against
+    the expected backbone / class count; tensors that do not fit raise naming them."""
+    try:
+        state = runtime.load_checkpoint(path, map_location=map_location)
+    except (FileNotFoundError, ValueError) as err:
+        raise CheckpointError(str(err)) from None
+    if not isinstance(state, dict) or "model" not in state or "meta" not in state:
+        raise CheckpointError(f"checkpoint {path} is not a wsss classifier checkpoint "
+                              f"(needs 'model' and 'meta' entries)")
+    meta = state["meta"]
+    check_meta(meta, path, backbone=backbone, num_classes=num_classes)
+    model = build_from_meta(meta)
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state["model"].items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state["model"]]
+    if wrong or missing:
+        raise CheckpointError(f"checkpoint {path} does not fit a {meta['backbone']} classifier with "
+                              f"{meta['num_classes']} classes: missing {missing[:4]}, shape mismatch {wrong[:4]}")
+    model.load_state_dict(state["model"])
+    return model, dict(meta)
+
+
+# --------------------------------------------------------------------------- data
+class PairDataset(Dataset):
+    """``(image_m, image_n, labels_m, labels_n)`` for a list of index pairs."""
+
+    def __init__(self, dataset, pairs: list[tuple[int, int]]):
+        self.dataset, self.pairs = dataset, pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        i, j = self.pairs[index]
+        a, b = self.dataset[i], self.dataset[j]
+        return (a["image"].as_subclass(torch.Tensor), b["image"].as_subclass(torch.Tensor),
+                a["labels"], b["labels"])
+
+
+def training_transform(cfg) -> v2.Compose:
+    steps: list = [v2.Resize([cfg.image_size, cfg.image_size], antialias=True)]
+    if cfg.flip:
+        steps.append(v2.RandomHorizontalFlip(0.5))
+    if any(cfg.colour_jitter):
+        b, c, s, h = cfg.colour_jitter
+        steps.append(v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h))
+    return v2.Compose(steps)
+
+
+def labelled_subset(dataset) -> tuple[list[int], int]:
+    """Indices of images with at least one foreground label, and how many were left out."""
+    labels = dataset.label_matrix()
+    keep = np.flatnonzero(labels.sum(axis=1) > 0).tolist()
+    return keep, len(dataset) - len(keep)
+
+
+class _Subset(Dataset):
+    def __init__(self, dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        return self.dataset[self.indices[index]]
+
+
+# --------------------------------------------------------------------------- one step
+class PairTrainer(nn.Module):
+    """Computes every loss term of a step in one ``forward`` (so DDP sees one call)."""
+
+    def __init__(self, model: CoAttentionClassifier, self_pairs: bool):
+        super().__init__()
+        self.model, self.self_pairs = model, self_pairs
+
+    def forward(self, x_m, x_n, l_m, l_n, w_con: float) -> dict[str, torch.Tensor]:
+        model = self.model
+        views = [x_m, x_n] + ([torch.flip(x_m, dims=[3])] if self.self_pairs else [])
+        feats = model.features(torch.cat(views)).chunk(len(views))
+        f_m, f_n = feats[0], feats[1]
+        out = model.pair(f_m, f_n, contrastive=True)
+        cam_m, cam_n = model.cam(f_m), model.cam(f_n)
+        out["s_m"], out["s_n"] = cam_m.mean((2, 3)), cam_n.mean((2, 3))
+        terms = mcis_losses(out, l_m, l_n, contrastive=True)
+        terms["con_co_att"] = terms["con_co_att"] * w_con
+        if self.self_pairs:
+            copies = [feats[2]] + [model.features(F.interpolate(
+                x_m, scale_factor=s, mode="bilinear", align_corners=False)) for s in SELF_PAIR_SCALES]
+            for f_copy in copies:
+                sp = model.pair(f_m, f_copy, contrastive=False)
+                sp["s_n"] = model.cam(f_copy).mean((2, 3))
+                for key, value in self_pair_losses(sp, l_m).items():
+                    terms[f"self_{key}"] = terms.get(f"self_{key}", 0.0) + value
+        terms["loss"] = sum(terms.values())
+        return terms
+
+
+def _freeze_bn(model: CoAttentionClassifier) -> None:
+    for module in model.backbone.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.default_rng([seed, 7919, epoch]).integers(2**31 - 1))
+
+
+# --------------------------------------------------------------------------- the stage
+def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Path,
+        tracker: Tracker = NULL_TRACKER) -> StageResult:
+    """Train (or resume training) the classifier; see the module docstring."""
+    cfg = config.classifier
+    out_dir = Path(out_dir)
+    device = runtime.select_device(config.device)
+    info = runtime.init_distributed(device)
+    main = info.is_main
+
+    dataset = build_dataset(config.data, config.data.train_split, transform=training_transform(cfg))
+    keep, skipped = labelled_subset(dataset)
+    if not keep:
+        raise ValueError(f"split {config.data.train_split!r} of {dataset.root} has no image with a "
+                         f"foreground label: nothing to train the classifier on")
+    if skipped and main:
+        log.warning("train_classifier: %d of %d images have no foreground label and are left out "
+                    "of pairing", skipped, len(dataset))
+    labels = dataset.label_matrix()[keep]
+    sampler = PairSampler(labels, random_fraction=cfg.random_partner_fraction, seed=config.seed)
+    train_set = _Subset(dataset, keep)
+
+    runtime.seed_everything(config.seed)
+    model = CoAttentionClassifier(labels.shape[1], backbone=cfg.backbone, pretrained=cfg.pretrained,
+                                  feature_channels=cfg.feature_channels,
+                                  backbone_options=cfg.backbone_options)
+    meta = model_meta(model, dataset.class_names, cfg.image_size, cfg.backbone_options)
+    if cfg.freeze_bn:
+        _freeze_bn(model)
+    model.to(device)
+    optimizer = torch.optim.SGD(model.param_groups(cfg.lr, cfg.weight_decay), lr=cfg.lr,
+                                momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                                weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.lr_steps),
+                                                     gamma=cfg.lr_gamma)
+    scaler = runtime.grad_scaler(device, cfg.amp)
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+
+    resume = out_dir / RESUME_FILE
+    if resume.is_file():
+        state = runtime.load_checkpoint(resume, map_location=device)
+        check_meta(state.get("meta", {}), resume, backbone=cfg.backbone, num_classes=labels.shape[1],
+                   feature_channels=cfg.feature_channels)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        runtime.set_rng_state(state["rng"])
+        history = list(state.get("history", []))
+        start_epoch = int(state["epoch"])
+        if main:
+            log.info("train_classifier: resuming from %s after epoch %d", resume, start_epoch)
+
+    trainer = runtime.wrap_ddp(PairTrainer(model, cfg.self_pairs), device)
+    if main:
+        tracker.log_params({"num_images": len(keep), "skipped_unlabelled": skipped,
+                            "num_classes": labels.shape[1], "world_size": info.world_size})
+    step = start_epoch * -(-len(keep) // (cfg.batch_size * info.world_size))
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        epoch_seed = _epoch_seed(config.seed, epoch)
+        torch.manual_seed(epoch_seed)
+        pairs = sampler.pairs(epoch)[info.rank::info.world_size]
+        loader = DataLoader(PairDataset(train_set, pairs), batch_size=cfg.batch_size, shuffle=False,
+                            num_workers=cfg.num_workers, generator=runtime.seeded_generator(epoch_seed),
+                            persistent_workers=False)
+        contrastive_on = epoch >= cfg.contrastive_from_epoch
+        trainer.train()
+        if cfg.freeze_bn:
+            _freeze_bn(model)
+        sums: dict[str, float] = {}
+        count = 0
+        for img_m, img_n, l_m, l_n in loader:
+            x_m, x_n = normalize(img_m).to(device), normalize(img_n).to(device)
+            l_m, l_n = l_m.to(device), l_n.to(device)
+            _, only_m, only_n = pair_targets(l_m, l_n)
+            w_con = 1.0 if contrastive_on and bool((only_m.sum() + only_n.sum()) > 0) else 0.0
+            with runtime.autocast(device, cfg.amp):
+                terms = trainer(x_m, x_n, l_m, l_n, w_con)
+            if not torch.isfinite(terms["loss"]):
+                raise FloatingPointError(f"train_classifier: loss became {terms['loss'].item()} at "
+                                         f"epoch {epoch + 1} step {step}; lower classifier.lr")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            count += 1
+            values = {k: float(runtime.all_reduce_mean(v.detach().float())) for k, v in terms.items()}
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value
+            if main and step % cfg.log_every == 0:
+                tracker.log_metrics({f"step/{k}": v for k, v in values.items()}, step=step)
+        scheduler.step()
+        epoch_metrics = {f"epoch/{k}": v / max(count, 1) for k, v in sums.items()}
+        epoch_metrics["epoch/lr"] = optimizer.param_groups[0]["lr"]
+        epoch_metrics["epoch/seconds"] = time.time() - t0
+        history.append({"epoch": epoch + 1, **epoch_metrics})
+        if main:
+            weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            runtime.save_checkpoint(checkpoint_path(out_dir, epoch + 1),
+                                    {"model": weights, "meta": meta, "epoch": epoch + 1})
+            runtime.save_checkpoint(resume, {
+                "model": weights, "meta": meta, "epoch": epoch + 1,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": runtime.rng_state(), "history": history})
+            atomic_write_json(out_dir / HISTORY_FILE, history)
+            tracker.log_metrics(epoch_metrics, step=epoch + 1)
+            log.info("train_classifier: epoch %d/%d loss %.4f (%.1f s)", epoch + 1, cfg.epochs,
+                     epoch_metrics.get("epoch/loss", float("nan")), epoch_metrics["epoch/seconds"])
+        runtime.barrier()
+
+    if not history:
+        history = json.loads((out_dir / HISTORY_FILE).read_text()) if (out_dir / HISTORY_FILE).is_file() else []
+    last = history[-1] if history else {}
+    metrics = {"epochs": cfg.epochs, "num_images": len(keep), "skipped_unlabelled": skipped,
+               "final_loss": last.get("epoch/loss", float("nan")),
+               "first_loss": history[0].get("epoch/loss", float("nan")) if history else float("nan")}
+    return StageResult(stage=NAME, key=out_dir.name, path=str(out_dir), metrics=metrics,
+                       files={"checkpoint": str(checkpoint_path(out_dir, cfg.epochs).relative_to(out_dir)),
+                              "history": HISTORY_FILE},
+                       run_id=tracker.run_id)
