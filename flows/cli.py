@@ -175,7 +175,8 @@ def print_summary(summary: dict, state: dict) -> None:
     from pipeline.mlflow_tracking import experiment_name
 
     print()
-    _print_rows(summary["stages"])
+    columns = ("stage", "key", "cached", "seconds", "headline")
+    _print_rows([{c: row.get(c, "") for c in columns} for row in summary["stages"]])
     print(f"\npipeline time {summary['seconds']:.1f}s, outputs under {summary['workdir']}")
     prefect_url = state["prefect"].url
     print(f"Prefect UI: {prefect_url}/runs/flow-run/{summary['flow_run_id']}")

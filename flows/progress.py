@@ -43,7 +43,7 @@ class Progress:
         self.description = description
         self.min_interval_s = min_interval_s
         self.percent = 0.0
-        self._last = 0.0
+        self._last = float("-inf")  # the first update is sent at once
         self._lock = threading.Lock()
         self.artifact_id = create(0.0, key=key, description=description)
 
@@ -66,16 +66,23 @@ class Progress:
 
 
 class StepCounter:
-    """Fraction done from logged steps: ``sum over units of (max step + 1) / steps_per_unit``."""
+    """Fraction done from logged steps: ``sum over units of min(max step, steps_per_unit) /
+    (steps_per_unit * units)``; steps count finished epochs / iterations. With ``prefix`` set,
+    only calls logging a metric whose name starts with it count (the classifier logs
+    ``epoch/...`` per epoch and ``step/...`` per optimiser step)."""
 
-    def __init__(self, steps_per_unit: int, units: int = 1):
+    def __init__(self, steps_per_unit: int, units: int = 1, prefix: str = ""):
         self.steps_per_unit = max(int(steps_per_unit), 1)
         self.units = max(int(units), 1)
+        self.prefix = prefix
         self.best: dict[str, int] = {}
 
+    def counts(self, metrics: Mapping[str, Any]) -> bool:
+        return not self.prefix or any(k.startswith(self.prefix) for k in metrics)
+
     def observe(self, unit: str, step: int) -> float:
-        self.best[unit] = max(self.best.get(unit, -1), int(step))
-        done = sum(min(s + 1, self.steps_per_unit) for s in self.best.values())
+        self.best[unit] = max(self.best.get(unit, 0), int(step))
+        done = sum(min(s, self.steps_per_unit) for s in self.best.values())
         return done / (self.steps_per_unit * self.units)
 
 
@@ -115,6 +122,7 @@ class StageTracker(Tracker):
         self.root = _root or self
         self._last_line = -1e9
         self.children: dict[str, StageTracker] = {}
+        self.logged: set[Path] = set()  # files the stage logged itself on its own run
 
     @property
     def run_id(self) -> str | None:  # the manifest records the run that produced the output
@@ -134,11 +142,13 @@ class StageTracker(Tracker):
                               if isinstance(v, (int, float)) or hasattr(v, "__float__"))
             self.logger.info("%s step %s: %s", self.name, step, shown)
         root = self.root
-        if root.steps is not None and root.progress is not None:
+        if root.steps is not None and root.progress is not None and root.steps.counts(metrics):
             root.progress.set(root.steps.observe(self.name, step))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.inner.log_artifact(path, artifact_path)
+        if self.root is self:
+            self.logged.add(Path(path).resolve())
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.inner.set_tags(tags)

@@ -17,6 +17,7 @@ still matches the one recorded, so a recycled pid is never hit. An idle Prefect 
 ignores the first SIGTERM: ``down`` sends a second one, then SIGKILL after a grace period.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -86,6 +87,34 @@ def is_alive(service: Service) -> bool:
     _reap(service.pid)
     start = _proc_start_time(service.pid)
     return start is not None and (start == service.start_time or "unknown" in (start, service.start_time))
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """Live descendants of ``pid`` as (pid, start time), found through the parent links in
+    /proc. They matter because a Prefect worker starts each flow run in a new session, out
+    of the worker's process group."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields and fields[0] not in ("Z", "X"):
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        start = _proc_start_time(child)
+        if start is not None:
+            found.append((child, start))
+        todo.extend(children.get(child, []))
+    return found
 
 
 def group_members(pgid: int) -> list[int]:
@@ -304,37 +333,42 @@ def _run_cli(command: list[str], env: dict[str, str], layout: Layout, what: str,
     return result.stdout
 
 
-def stop_service(service: Service, grace: float = 10.0) -> bool:
-    """Stop one recorded service and its process group: SIGTERM, a second SIGTERM (the idle
-    worker needs it) after 3 s, SIGKILL after ``grace``. False when it was not running."""
+def stop_service(service: Service, grace: float = 10.0, sig: int = signal.SIGTERM) -> bool:
+    """Stop one recorded service, its process group and its descendants (flow runs a worker
+    started in their own sessions): ``sig`` (SIGTERM), a second SIGTERM after 3 s (an idle
+    worker ignores the first), SIGKILL after ``grace``. False when it was not running."""
     if not is_alive(service):
         return False
     pgid = service.pid  # started with start_new_session: the pid leads its own group
+    family = descendants(service.pid)
 
-    def signal_group(sig):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            pass
+    def signal_all(signum):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signum)
+        for pid, start in family:
+            if _proc_start_time(pid) == start:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signum)
 
-    signal_group(signal.SIGTERM)
+    def remaining():
+        _reap(service.pid)
+        return group_members(pgid) + [p for p, start in family if _proc_start_time(p) == start]
+
+    signal_all(sig)
     deadline = time.monotonic() + grace
     second = time.monotonic() + 3.0
-    sent_second = False
-    while time.monotonic() < deadline:
-        _reap(service.pid)
-        if not is_alive(service) and not group_members(pgid):
-            return True
+    sent_second = sig == signal.SIGKILL
+    while time.monotonic() < deadline and remaining():
         if not sent_second and time.monotonic() >= second:
-            signal_group(signal.SIGTERM)
+            signal_all(signal.SIGTERM)
             sent_second = True
         time.sleep(0.2)
-    signal_group(signal.SIGKILL)
-    for _ in range(50):
-        _reap(service.pid)
-        if not group_members(pgid):
-            break
-        time.sleep(0.1)
+    if remaining():
+        signal_all(signal.SIGKILL)
+        for _ in range(50):
+            if not remaining():
+                break
+            time.sleep(0.1)
     return True
 
 
@@ -342,6 +376,8 @@ def down(home: Path | None = None, say: Callable[[str], None] = print) -> list[s
     """Stop the recorded services (worker first); returns the names that were running."""
     layout = Layout(Path(home or default_home()).resolve())
     state = load_state(layout)
+    if not state:
+        say("no services running")
     stopped = []
     for name in reversed(ORDER):
         service = state.get(name)
@@ -354,8 +390,6 @@ def down(home: Path | None = None, say: Callable[[str], None] = print) -> list[s
             say(f"{name}: was not running")
         del state[name]
         save_state(layout, state)
-    if not stopped and not state:
-        say("no services running")
     if layout.state_file.is_file() and not state:
         layout.state_file.unlink()
     return stopped

@@ -76,7 +76,7 @@ def _progress_for(name: str, config: PipelineConfig, out_dir: Path, flow_run_key
     progress = Progress(key, f"{name}: progress")
     steps, counter = None, None
     if name == "train_classifier":
-        steps = StepCounter(config.classifier.epochs)
+        steps = StepCounter(config.classifier.epochs, prefix="epoch/")
     elif name == "train_segmentor":
         steps = StepCounter(config.segmentor.iterations, units=len(config.segmentor.models))
     elif name in ("generate_cams", "refine_crf"):
@@ -133,7 +133,7 @@ def _run_stage_task(name: str, config: PipelineConfig, upstream: dict[str, Stage
                 counter.stop()
         if progress:
             progress.finish()
-        _report_stage(tracker, inner, result, tracking)
+        _report_stage(inner, result, tracking, already=tracker.logged)
         tracker.close("FINISHED")
     verb = "reused" if result.cached else f"done in {result.duration_s:.1f}s"
     logger.info("%s: %s %s", name, verb, _headline(result))
@@ -142,8 +142,8 @@ def _run_stage_task(name: str, config: PipelineConfig, upstream: dict[str, Stage
     return result
 
 
-def _report_stage(tracker: Tracker, inner: Tracker, result: StageResult,
-                  tracking: Optional[dict]) -> None:
+def _report_stage(inner: Tracker, result: StageResult, tracking: Optional[dict],
+                  already: set = frozenset()) -> None:
     """Metrics, tags and artifacts of a finished (or reused) stage on its MLflow child run."""
     if not tracking:
         return
@@ -167,6 +167,8 @@ def _report_stage(tracker: Tracker, inner: Tracker, result: StageResult,
         return
     for rel in sorted(set(result.files.values())) if result.files else []:
         path = out / rel
+        if path.resolve() in already:
+            continue
         if path.is_file() and path.stat().st_size <= 200 * 2**20:
             inner.log_artifact(path, str(Path(rel).parent) if Path(rel).parent != Path(".") else None)
         elif path.is_dir() and sum(1 for _ in path.rglob("*")) <= 200:

@@ -22,6 +22,8 @@ def format_summary(results) -> str:
 def _cmd_run(args: argparse.Namespace) -> int:
     from stages import run_pipeline
 
+    if getattr(args, "skip_missing", False):
+        args.overrides.append("crf.skip_missing=true")
     config = config_from_args(args)
     stages = args.stages.split(",") if args.stages else None
     start = time.time()
@@ -38,4 +40,6 @@ def add_commands(sub) -> None:
     add_config_arguments(run)
     run.add_argument("--stages", default="", help="comma-separated subset (default: all five)")
     run.add_argument("--force", action="store_true", help="recompute the selected stages")
+    run.add_argument("--skip-missing", action="store_true",
+                     help="stage 3: skip (and count) images without a map file instead of failing")
     run.set_defaults(func=_cmd_run)

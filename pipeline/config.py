@@ -144,16 +144,18 @@ class CRFConfig(StrictModel):
     alpha: Optional[float] = Field(None, gt=0, description="power background exponent (PSA low alpha)")
     bg_low_threshold: Optional[float] = Field(
         None, ge=0, le=1, description="constant background of a second, confident-background run "
-                                      "(IRN conf_bg_thres); where the runs disagree -> 255")
+                                      "(IRN conf_bg_thres); where the runs disagree -> 255; "
+                                      "equal to bg_threshold: one run")
     alpha_high: Optional[float] = Field(
         None, gt=0, description="power background of a second, confident-background run (PSA high "
-                                "alpha); where the runs disagree -> 255")
+                                "alpha); where the runs disagree -> 255; equal to alpha: one run")
     gaussian_sxy: Optional[float] = Field(None, gt=0, description="Gaussian kernel position std (px)")
     gaussian_compat: Optional[float] = Field(None, ge=0, description="Gaussian kernel weight")
     bilateral_sxy: Optional[float] = Field(None, gt=0, description="bilateral kernel position std (px)")
     bilateral_srgb: Optional[float] = Field(None, gt=0, description="bilateral kernel colour std")
     bilateral_compat: Optional[float] = Field(None, ge=0, description="bilateral kernel weight")
-    confidence: Optional[float] = Field(None, ge=0, le=1, description="posterior below this -> 255")
+    confidence: Optional[float] = Field(None, ge=0, le=1, description="max posterior below this -> "
+                                        "255 (0: off)")
     downscale: Optional[float] = Field(None, gt=0, le=1, description="run the CRF at this image scale "
                                        "(position stds scaled alike), posterior upsampled back")
     saliency_dir: Optional[Path] = Field(None, description="optional <id>.png saliency maps (0-255) "

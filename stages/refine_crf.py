@@ -337,20 +337,21 @@ def refine_maps(image: np.ndarray, classes: Sequence[int], maps: np.ndarray, par
         raise CRFInputError(f"class ids must lie in 1..254, got {classes.tolist()}")
     keys = np.concatenate([[0], classes]).astype(np.uint8)
 
-    def run(second: bool) -> tuple[np.ndarray, np.ndarray]:
+    def run(second: bool) -> np.ndarray:
         scores = np.concatenate([background_score(maps, params, second, saliency)[None], maps])
         q = _posterior(image, scores, params)
-        return keys[np.argmax(q, axis=0)], q.max(axis=0)
+        label = keys[np.argmax(q, axis=0)]
+        if params.confidence and not second:
+            label[q.max(axis=0) < params.confidence] = IGNORE
+        return label
 
     if classes.size == 0:
-        label, conf = np.zeros((h, w), np.uint8), np.ones((h, w), np.float32)
+        label = np.zeros((h, w), np.uint8)
     else:
-        label, conf = run(second=False)
+        label = run(second=False)
         if params.second_background is not None:
-            label_b, _ = run(second=True)
+            label_b = run(second=True)
             label = np.where(label != 0, label, np.where(label_b == 0, 0, IGNORE)).astype(np.uint8)
-    if params.confidence:
-        label[conf < params.confidence] = IGNORE
     if saliency is not None:
         label[(label == 0) & (saliency >= params.saliency_ignore)] = IGNORE
         if np.mean((label != 0) & (label != IGNORE)) < params.min_foreground:
@@ -412,7 +413,8 @@ def refine_images(items: Sequence[WorkItem], params: CRFParams, workers: int = 1
                   chunk_size: int = 16, client: Any = None,
                   progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Refine many images in chunks: serially (``workers == 1``), in a process pool
-    (``workers > 1``; fork where available, else spawn) or on a Dask ``client`` (``dask.distributed.Client``).
+    (``workers > 1``; fork where available, else spawn) or on a Dask ``client``
+    (``dask.distributed.Client``).
     Every image is independent and pydensecrf is deterministic, so the files are identical
     whichever way runs them. Returns the per-image stats in ``items`` order; the first failing
     image raises (files already written stay, each written atomically)."""
@@ -552,14 +554,21 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
     log.info("refine_crf: %d images (%d already done, %d without maps), preset %s",
              len(items), len(items) - len(todo), len(missing), crf.preset)
 
-    def progress(done: int, total: int) -> None:
-        log.info("refine_crf: %d/%d images refined", done, total)
-        tracker.log_metrics({"images_refined": done}, step=done)
+    reported = [0]
 
-    if client is None and crf.dask_address:
-        client = _dask_client(crf.dask_address)
-    new_stats = refine_images(todo, params, workers=crf.workers, chunk_size=crf.chunk_size,
-                              client=client, progress=progress)
+    def progress(done: int, total: int) -> None:  # about every 5 %, and at the end
+        if done - reported[0] >= max(1, total // 20) or done == total:
+            reported[0] = done
+            log.info("refine_crf: %d/%d images refined", done, total)
+            tracker.log_metrics({"images_refined": done}, step=done)
+
+    own_client = _dask_client(crf.dask_address) if client is None and crf.dask_address else None
+    try:
+        new_stats = refine_images(todo, params, workers=crf.workers, chunk_size=crf.chunk_size,
+                                  client=client or own_client, progress=progress)
+    finally:
+        if own_client is not None:
+            own_client.close()
     new = {s["id"]: s for s in new_stats}
 
     rows = []

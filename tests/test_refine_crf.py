@@ -368,3 +368,13 @@ def test_missing_saliency_map_is_named(own_maps, synthetic_root, tmp_path):
     with pytest.raises(CRFInputError, match=rf"saliency map .*{ids[0]}.png"):
         refine_crf.run(_config(tmp_path, synthetic_root, saliency_dir=tmp_path / "sal"),
                        _upstream(directory), tmp_path / "a")
+
+
+def test_cli_skip_missing_flag_sets_the_field(monkeypatch, tmp_path):
+    from pipeline.cli import main as cli_main
+    seen = []
+    monkeypatch.setattr(stages, "run_pipeline", lambda config, **kw: seen.append(config) or {})
+    assert cli_main(["run", "--stages", "refine_crf", "--skip-missing", "--set", f"workdir={tmp_path}"]) == 0
+    assert seen[0].crf.skip_missing is True
+    assert cli_main(["run", "--stages", "refine_crf", "--set", f"workdir={tmp_path}"]) == 0
+    assert seen[1].crf.skip_missing is False

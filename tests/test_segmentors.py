@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.backbones import Backbone, build_backbone
-from models.segmentors import SEGMENTORS, Segmentor, available, build_segmentor
+from models.segmentors import Segmentor, available, build_segmentor
 from models.segmentors.layers import (ConvModule, DecodeHead, DepthwiseSeparableConvModule, FCNHead,
                                       make_classifier)
 
@@ -252,6 +252,20 @@ def test_pam_and_cam_formulas_on_small_cases():
     assert torch.allclose(paper(x).flatten(2)[0], torch.softmax(energy, 1) @ a + a, atol=1e-5)
 
 
+def test_attention_energies_do_not_overflow_under_float16_autocast():
+    from models.segmentors.danet import CAM, PAM
+    x = torch.rand(1, 8, 64, 64) * 10                      # A A^T ~ 1e5 > float16 max
+    flat = x.half().flatten(2)
+    assert not torch.isfinite(torch.bmm(flat, flat.transpose(1, 2))).all()
+    cam, pam = CAM(), PAM(8, 2)
+    cam.gamma.scale.data.fill_(1.0)
+    pam.gamma.scale.data.fill_(1.0)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert torch.isfinite(cam(x.half())).all()
+        assert torch.isfinite(pam(x)).all()
+    assert torch.allclose(cam(x.half()).float(), cam(x).half().float(), rtol=1e-2, atol=1e-1)
+
+
 # --------------------------------------------------------------------------- OCRNet
 def test_ocr_spatial_gather_on_one_hot_regions_returns_class_means():
     from models.segmentors.ocrnet import SpatialGather
@@ -354,3 +368,22 @@ def test_sanet_heads_cover_all_backbone_levels():
     assert out["cat"].shape == (2, K) and out["den"].shape == (2, K, 4, 4)
     with pytest.raises(ValueError, match="cat_from"):
         build_segmentor("sanet", K, backbone=tiny(), cat_from="nope")
+
+
+# --------------------------------------------------------------------------- DeepLab family
+def test_deeplab_variants_structure():
+    largefov = build_segmentor("deeplab_largefov", K, backbone=tiny(), channels=32).decode_head
+    assert largefov.fc6.conv.dilation == (12, 12) and not hasattr(largefov.fc6, "bn")
+    assert isinstance(largefov.dropout, nn.Dropout) and largefov.dropout.p == 0.5
+    v2 = build_segmentor("deeplabv2", K, backbone=tiny()).eval()
+    assert [c.dilation[0] for c in v2.decode_head.aspp_modules] == [6, 12, 18, 24]
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        feats = v2.backbone(x)
+        assert torch.allclose(v2(x)["out"], sum(c(feats[-1]) for c in v2.decode_head.aspp_modules))
+    v3 = build_segmentor("deeplabv3", K, backbone=tiny(), **SMALL["deeplabv3"]).decode_head
+    assert [m.conv.dilation[0] for m in v3.aspp_modules] == [1, 12, 24, 36]
+    assert v3.aspp_modules[0].conv.kernel_size == (1, 1) and v3.bottleneck.conv.kernel_size == (3, 3)
+    plus = build_segmentor("deeplabv3plus", K, backbone=tiny(), **SMALL["deeplabv3plus"]).decode_head
+    assert isinstance(plus.aspp_modules[1], DepthwiseSeparableConvModule)
+    assert plus.c1_bottleneck.conv.in_channels == 8     # stage-1 channels of tiny(width=8)

@@ -65,8 +65,10 @@ class PAM(nn.Module):
         query = self.query_project(x).flatten(2).transpose(1, 2)      # N x HW x C'
         key = self.key_project(x).flatten(2)                           # N x C' x HW
         value = self.value_project(x).flatten(2).transpose(1, 2)      # N x HW x C
-        attention = torch.softmax(torch.bmm(query, key), dim=-1)       # S[j, i], sum_i = 1
-        context = torch.bmm(attention, value).transpose(1, 2).reshape(n, c, h, w)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # energies in float32
+            energy = torch.bmm(query.float(), key.float())
+            attention = torch.softmax(energy, dim=-1)                  # S[j, i], sum_i = 1
+        context = torch.bmm(attention.to(value.dtype), value).transpose(1, 2).reshape(n, c, h, w)
         return self.gamma(context) + x
 
 
@@ -80,12 +82,16 @@ class CAM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        flat = x.flatten(2)                                            # N x C x HW
-        energy = torch.bmm(flat, flat.transpose(1, 2))                 # N x C x C
-        if self.max_trick:
-            energy = energy.max(dim=-1, keepdim=True).values - energy
-        attention = torch.softmax(energy, dim=-1)
-        return self.gamma(torch.bmm(attention, flat).reshape(n, c, h, w)) + x
+        # A A^T sums H W products of post-ReLU activations and overflows float16 (max 65504)
+        # at ordinary sizes, so the attention runs in float32 even under autocast.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            flat = x.float().flatten(2)                                # N x C x HW
+            energy = torch.bmm(flat, flat.transpose(1, 2))             # N x C x C
+            if self.max_trick:
+                energy = energy.max(dim=-1, keepdim=True).values - energy
+            attention = torch.softmax(energy, dim=-1)
+            out = torch.bmm(attention, flat).reshape(n, c, h, w).to(x.dtype)
+        return self.gamma(out) + x
 
 
 class DAHead(DecodeHead):

@@ -42,7 +42,8 @@ mmseg (C = 512): head 17.70 M, 62.58 M in all = the table. The paper uses C = 25
 3x3 convs in the decoder; ``channels=256`` gives the 256-wide variant.
 
 DeepLab v3/v3+ carry the auxiliary FCN head (0.4) of mmseg's configs by default; LargeFOV
-and v2 do not (the papers have none). Every decode head is ``decode_head``.
+and v2 do not (the papers have none). Every decode head is ``decode_head``. As in mmseg, the
+image-pooling branch has BN on a 1x1 map, so a training batch (per process) needs >= 2 images.
 """
 
 from typing import Sequence
@@ -54,7 +55,7 @@ from torch import nn
 from models.segmentors import register
 from models.segmentors.layers import (ConvModule, DecodeHead, DepthwiseSeparableConvModule,
                                       EncoderDecoder, aux_fcn_head, in_channels_of, make_backbone,
-                                      make_classifier, select)
+                                      select)
 
 
 # --------------------------------------------------------------------------- LargeFOV

@@ -12,7 +12,7 @@ plus the auxiliary FCN head on stage 3 (3x3 ConvModule 1024 -> 256, dropout, 1x1
 loss weight 0.4: ``L = CE(y) + 0.4 CE(y_aux)``.
 
 Parameters at 21 classes on R-101-D8 (ResNetV1c deep stem): backbone 42.52 M + decode head
-23.61 M + aux 2.37 M = 68.49 M, models.md's table (66.12 M without the aux head).
+23.61 M + aux 2.37 M = 68.49 M, models.md's table (66.13 M without the aux head).
 """
 
 from torch import nn

@@ -223,10 +223,12 @@ class SelfAttentionBlock(nn.Module):
         query = query.reshape(n, query.shape[1], -1).transpose(1, 2)     # n x Nq x C
         key = key.reshape(n, key.shape[1], -1)                            # n x C x Nk
         value = value.reshape(n, value.shape[1], -1).transpose(1, 2)     # n x Nk x Cv
-        sim = torch.bmm(query, key)
-        if self.matmul_norm:
-            sim = sim * self.channels ** -0.5
-        context = torch.bmm(sim.softmax(dim=-1), value).transpose(1, 2)
+        with torch.autocast(device_type=query.device.type, enabled=False):  # no float16 overflow
+            sim = torch.bmm(query.float(), key.float())
+            if self.matmul_norm:
+                sim = sim * self.channels ** -0.5
+            sim = sim.softmax(dim=-1)
+        context = torch.bmm(sim.to(value.dtype), value).transpose(1, 2)
         context = context.reshape(n, -1, *size)
         return self.out_project(context) if self.out_project is not None else context
 

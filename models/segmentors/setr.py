@@ -32,7 +32,9 @@ Naive/PUP (the original Pascal Context config used 4, on layers 10/15/20/24).
 Parameters at 21 classes, 512x512 crops, ViT-L (position embedding stored for the 32x32
 grid of a 512 crop, no final norm): Naive 305.42 M, PUP 317.16 M, MLA 309.37 M (models.md:
 305.42 / 317.16 / 309.37); our encoder carries one identity where torchvision's final
-LayerNorm was, so the counts equal mmseg's to within 0.01 %.
+LayerNorm was (no parameters), so the counts equal mmseg's exactly. mmseg SETR checkpoints
+load after :func:`convert_mmseg_setr` (the heads and neck already use mmseg's names, only the
+ViT's names are torchvision's).
 """
 
 import torch
@@ -40,7 +42,7 @@ from torch import nn
 
 from models.segmentors import Segmentor, register
 from models.segmentors.layers import ConvModule, DecodeHead, FCNHead, select
-from models.segmentors.vit import ViTEncoder, layer_fractions_to_indices, resolve_vit_name
+from models.segmentors.vit import ViTEncoder, convert_mmseg_vit, layer_fractions_to_indices, resolve_vit_name
 
 #: layers (1-based, of 24) SETR-Naive/PUP read: decode on 24, auxiliary heads on 10, 15, 20
 UP_LAYER_FRACTIONS = (10 / 24, 15 / 24, 20 / 24, 24 / 24)
@@ -215,3 +217,14 @@ def build_setr_mla(num_classes: int, backbone: str | ViTEncoder = "vit_large", p
     auxs = [FCNHead(channels, channels, num_classes, num_convs=0, kernel_size=1, concat_input=False,
                     dropout_ratio=0.0, in_index=i) for i in range(levels)] if aux else []
     return SETR(enc, head, auxs, neck=neck, aux_weight=aux_weight)
+
+
+def convert_mmseg_setr(state: dict) -> dict:
+    """Rename an mmseg SETR checkpoint (``state_dict`` or the checkpoint dict) to our names:
+    ``backbone.*`` through :func:`~models.segmentors.vit.convert_mmseg_vit`, the rest as is."""
+    if "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    out = {f"backbone.{k}": v for k, v in convert_mmseg_vit(backbone).items()}
+    out.update({k: v for k, v in state.items() if not k.startswith("backbone.")})
+    return out

@@ -128,6 +128,8 @@ class ViTEncoder(nn.Module):
         self.out_indices = out_indices
         if img_size % arch.patch_size:
             raise ValueError(f"img_size {img_size} must be a multiple of the patch size {arch.patch_size}")
+        # fetch the weights first: a missing file fails before the (large) model is built
+        state = _torchvision_state_dict(arch, name, weights) if pretrained else None
         vit = tv_vit.VisionTransformer(
             image_size=img_size, patch_size=arch.patch_size, num_layers=arch.num_layers,
             num_heads=arch.num_heads, hidden_dim=arch.hidden_dim, mlp_dim=arch.mlp_dim,
@@ -136,8 +138,8 @@ class ViTEncoder(nn.Module):
         self.class_token = vit.class_token
         self.encoder = vit.encoder
         self.encoder.ln = nn.Identity()  # SETR: no final norm, the decoders normalise
-        if pretrained:
-            self.load_torchvision_weights(weights)
+        if state is not None:
+            self.load_vit_state_dict(state)
 
     @property
     def channels(self) -> list[int]:

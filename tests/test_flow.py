@@ -1,0 +1,196 @@
+"""The Prefect flow ``wsss`` under the Prefect test harness, with recording stand-ins for the
+five stage modules (the real stages are exercised end to end in tests/test_e2e_demo.py).
+
+Checks the caching pattern of issue 6: all stages, then a single-stage rerun (upstream
+reused), a CRF change (3 recomputed; 4-5 only when asked), deleted files (recomputed),
+``force``; and the MLflow layout (parent run, one child per stage with explicit parent id,
+one grandchild per segmentor, cached children pointing at the producing run).
+"""
+
+import ast
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import stages
+from pipeline.config import load_config
+from pipeline.storage import StageResult, atomic_write_json
+
+pytest.importorskip("prefect")
+pytest.importorskip("mlflow")
+
+SEGMENTORS = ["sanet", "deeplab_largefov"]
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """Prefect test harness + a private MLflow SQLite store + WSSS_HOME (module-wide: ~15 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WSSS_HOME", str(home))
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
+    mp.setenv("WSSS_TRACKING", "on")
+    with prefect_test_harness(server_startup_timeout=120):
+        yield home
+    mp.undo()
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    """Stand-ins writing one file each; train_segmentor trains "two models" via tracker.child."""
+    calls = []
+
+    def make(name):
+        module = types.ModuleType(f"stages.{name}")
+
+        def run(config, upstream, out_dir, tracker):
+            calls.append(name)
+            out_dir = Path(out_dir)
+            (out_dir / "out.txt").write_text(",".join(f"{k}={v.key}" for k, v in sorted(upstream.items())))
+            atomic_write_json(out_dir / "metrics.json", {"calls": len(calls)})
+            units = [tracker.child(m) for m in SEGMENTORS] if name == "train_segmentor" else [tracker]
+            for unit in units:
+                for step in range(3):
+                    unit.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+            return StageResult(stage=name, key="", path=str(out_dir),
+                               metrics={"value": float(len(calls)), "headline": f"{name} done"},
+                               files={"metrics": "metrics.json"})
+
+        module.run = run
+        return module
+
+    for name in stages.STAGE_ORDER:
+        monkeypatch.setitem(sys.modules, f"stages.{name}", make(name))
+    return calls
+
+
+def _config(tmp_path, *overrides):
+    return load_config("demo", [f"workdir={tmp_path / 'work'}", *overrides])
+
+
+def _cached(results):
+    return {name: r["cached"] for name, r in results.items()}
+
+
+def test_flow_caching_pattern_and_mlflow_runs(harness, fake_stages, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from flows.wsss import wsss
+
+    first = wsss(config=_config(tmp_path))
+    assert fake_stages == list(stages.STAGE_ORDER)
+    assert not any(_cached(first).values())
+
+    # single-stage rerun: upstream reused, nothing downstream run
+    fake_stages.clear()
+    rerun = wsss(config=_config(tmp_path), stages=["refine_crf"])
+    assert list(rerun) == ["train_classifier", "generate_cams", "refine_crf"]
+    assert fake_stages == [] and all(_cached(rerun).values())
+
+    # a CRF parameter changes: stage 3 recomputed, 1-2 reused, 4-5 not asked
+    fake_stages.clear()
+    crf = wsss(config=_config(tmp_path, "crf.iterations=3"), stages=["refine_crf"])
+    assert fake_stages == ["refine_crf"]
+    assert crf["generate_cams"]["key"] == first["generate_cams"]["key"]
+    assert crf["refine_crf"]["key"] != first["refine_crf"]["key"]
+
+    # ...and 4-5 when asked; 3 is now reused
+    fake_stages.clear()
+    full = wsss(config=_config(tmp_path, "crf.iterations=3"))
+    assert fake_stages == ["train_segmentor", "evaluate"]
+    assert _cached(full) == {"train_classifier": True, "generate_cams": True, "refine_crf": True,
+                             "train_segmentor": False, "evaluate": False}
+
+    # a cache hit whose files were deleted recomputes that stage (and only that one)
+    shutil.rmtree(first["generate_cams"]["path"])
+    fake_stages.clear()
+    again = wsss(config=_config(tmp_path), stages=["generate_cams"])
+    assert fake_stages == ["generate_cams"]
+    assert again["generate_cams"]["key"] == first["generate_cams"]["key"]
+
+    # force recomputes the selected stage only
+    fake_stages.clear()
+    forced = wsss(config=_config(tmp_path), stages=["refine_crf"], force=True)
+    assert fake_stages == ["refine_crf"]
+    assert _cached(forced) == {"train_classifier": True, "generate_cams": True, "refine_crf": False}
+
+    # MLflow: parent per flow run, children with explicit parent ids, segmentor grandchildren
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("wsss-demo")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.artifact_location.startswith(Path(harness).resolve().as_uri())
+    runs = client.search_runs([experiment.experiment_id], max_results=500)
+    by_id = {r.info.run_id: r for r in runs}
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 6
+    assert all(r.data.tags["prefect.flow_run_id"] and "wsss.config" in r.data.tags for r in parents)
+    assert all(r.data.tags["prefect.deployment"] == "none" for r in parents)
+    first_parent = first["train_classifier"]["run_id"]
+    first_parent = by_id[first_parent].data.tags["mlflow.parentRunId"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first_parent]
+    assert sorted(r.info.run_name for r in children) == sorted(stages.STAGE_ORDER)
+    assert all(r.info.status == "FINISHED" for r in children)
+    seg = next(r for r in children if r.info.run_name == "train_segmentor")
+    grandchildren = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == seg.info.run_id]
+    assert sorted(r.info.run_name for r in grandchildren) == sorted(SEGMENTORS)
+    history = client.get_metric_history(grandchildren[0].info.run_id, "loss")
+    assert [m.step for m in history] == [0, 1, 2]
+    crf_child = next(r for r in children if r.info.run_name == "refine_crf")
+    assert crf_child.data.params["crf.preset"] == "psa"
+    assert crf_child.data.metrics["value"] == 3.0
+    assert {a.path for a in client.list_artifacts(crf_child.info.run_id)} >= {"manifest.json", "metrics.json"}
+
+    # the reused refine_crf of the second flow run points at the run that produced it
+    second_parent = by_id[rerun["train_classifier"]["run_id"]]  # cached result: producer's run
+    assert second_parent.info.run_id == first["train_classifier"]["run_id"]
+    cached_children = [r for r in runs if r.data.tags.get("wsss.cached") == "true"
+                       and r.info.run_name == "refine_crf"]
+    assert cached_children
+    assert any(r.data.tags["wsss.source_run_id"] == first["refine_crf"]["run_id"] for r in cached_children)
+
+
+def test_flow_rejects_bad_parameters_with_field_path(harness):
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.wsss import wsss
+
+    with pytest.raises(ParameterTypeError, match=r"crf\.iterations|iterations"):
+        wsss.validate_parameters({"config": {"crf": {"iterations": "five"}}})
+    with pytest.raises(ParameterTypeError, match="stages"):
+        wsss.validate_parameters({"stages": ["refine_crff"]})
+
+
+def test_flow_schema_comes_from_the_config_model():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.wsss import wsss
+
+    schema = parameter_schema(wsss.fn).model_dump()
+    assert set(schema["properties"]) == {"config", "stages", "force"}
+    definitions = schema.get("definitions") or schema.get("$defs")
+    assert "PipelineConfig" in definitions and "CRFConfig" in definitions
+
+
+def test_flow_modules_do_not_postpone_annotations():
+    for path in Path(__file__).resolve().parent.parent.joinpath("flows").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        future = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                  and n.module == "__future__" for a in n.names]
+        assert "annotations" not in future, path
+
+
+def test_prefect_yaml_matches_presets():
+    from flows import deployments
+    from flows.paths import project_root
+
+    root = Path(__file__).resolve().parent.parent
+    assert deployments.stale(root) == [], "run `wsss deployments --write`"
+    spec = deployments.project_spec()
+    assert [d["name"] for d in spec["deployments"]] == ["voc", "coco", "demo"]
+    assert all(d["work_pool"]["name"] == "wsss-process" for d in spec["deployments"])
+    assert project_root() == root

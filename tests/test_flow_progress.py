@@ -1,0 +1,76 @@
+"""Progress reporting and log lines of flows.progress (no Prefect server needed)."""
+
+import logging
+import time
+
+from flows.progress import FileCounter, Progress, StageTracker, StepCounter
+from pipeline.tracking import MemoryTracker
+
+
+class FakeArtifacts:
+    def __init__(self):
+        self.created, self.updates = [], []
+
+    def create(self, progress, key=None, description=None):
+        self.created.append((progress, key))
+        return "artifact-1"
+
+    def update(self, artifact_id, progress, description=None):
+        self.updates.append(progress)
+
+
+def test_progress_is_monotone_throttled_and_finishes_at_100():
+    fake = FakeArtifacts()
+    progress = Progress("k", "d", min_interval_s=3600, create=fake.create, update=fake.update)
+    progress.set(0.25)
+    progress.set(0.5)      # throttled: remembered, not sent
+    progress.set(0.1)      # never goes back
+    assert fake.created == [(0.0, "k")] and fake.updates == [25.0]
+    assert progress.percent == 50.0
+    progress.finish()
+    assert fake.updates[-1] == 100.0
+
+
+def test_step_counter_over_units():
+    counter = StepCounter(steps_per_unit=10, units=2)
+    assert counter.observe("sanet", 5) == 0.25
+    assert counter.observe("fcn", 10) == 0.75
+    assert counter.observe("sanet", 3) == 0.75   # an older step changes nothing
+    assert counter.observe("sanet", 50) == 1.0   # clipped per unit
+    epochs = StepCounter(4, prefix="epoch/")
+    assert epochs.counts({"epoch/loss": 1.0}) and not epochs.counts({"step/loss": 1.0})
+
+
+def test_file_counter_counts_matching_files(tmp_path):
+    seen = []
+    counter = FileCounter(tmp_path, "*.npy", total=4, report=seen.append, poll_s=0.01)
+    (tmp_path / "a.npy").write_bytes(b"")
+    (tmp_path / "b.png").write_bytes(b"")
+    assert counter.count() == 1
+    counter.start()
+    time.sleep(0.2)
+    counter.stop()
+    counter.join(2)
+    assert seen and seen[-1] == 0.25
+
+
+def test_stage_tracker_forwards_logs_and_reports(caplog):
+    inner = MemoryTracker("train_segmentor")
+    fake = FakeArtifacts()
+    progress = Progress("k", "d", min_interval_s=0, create=fake.create, update=fake.update)
+    logger = logging.getLogger("test-stage-tracker")
+    tracker = StageTracker(inner, "train_segmentor", logger, progress=progress,
+                           steps=StepCounter(4, units=2), log_every_s=0)
+    with caplog.at_level(logging.INFO, logger="test-stage-tracker"):
+        tracker.log_params({"a": 1})
+        sanet = tracker.child("sanet")
+        sanet.log_metrics({"loss": 0.5}, step=2)
+        tracker.child("fcn").log_metrics({"loss": 0.7}, step=4)
+        tracker.log_metrics({"final": 1.0})  # no step: no line, no progress
+    assert inner.params == {"a": 1}
+    assert inner.children["sanet"].history("loss") == [0.5]
+    assert fake.updates == [25.0, 75.0]
+    assert "train_segmentor/sanet step 2: loss=0.5" in caplog.text
+    assert tracker.child("sanet") is sanet
+    tracker.close("FINISHED")
+    assert inner.status == "FINISHED" and inner.children["fcn"].status == "FINISHED"
