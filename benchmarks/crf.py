@@ -196,6 +196,7 @@ def main(argv=None) -> int:
         quality(args.coco, args.limit)
         return 0
     params = resolve_params(CRFConfig(preset=args.preset))
+    baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # imports (torch, via pipeline.data)
     runs = 1 if params.second_background is None else 2
 
     with tempfile.TemporaryDirectory(prefix="crf-bench-") as tmp:
@@ -238,7 +239,8 @@ def main(argv=None) -> int:
           + (" - shared CPU: wall-clock figures are contended, CPU-time figures are not" if load > os.cpu_count() else ""))
     self_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     child_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"peak memory (max RSS): main process {self_mb:.0f} MiB, largest worker {child_mb:.0f} MiB")
+    print(f"peak memory (max RSS): main process {self_mb:.0f} MiB ({baseline_mb:.0f} MiB of it before any "
+          f"work: imports), largest worker {child_mb:.0f} MiB (forked: shares the parent's pages)")
     return 0
 
 

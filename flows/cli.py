@@ -244,6 +244,7 @@ def _cmd_demo(args) -> int:
 
 def _cmd_flow(args) -> int:
     """The flow in this process (Prefect's ephemeral API unless PREFECT_API_URL is set)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.wsss import wsss
 
     config = config_from_args(args)

@@ -468,18 +468,23 @@ def _map_header(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """(H, W) from the image header."""
+    """(H, W) from the image header; a mode :func:`load_rgb` refuses outright raises here."""
     try:
         with Image.open(path) as image:
-            return image.height, image.width
+            mode, size = image.mode, (image.height, image.width)
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
         raise CRFInputError(f"image {path} is unreadable: {err}") from None
+    if mode not in _CONVERTIBLE_MODES | _ALPHA_MODES | {"RGB"}:
+        raise CRFInputError(f"image {path} has unsupported mode {mode!r} (expected RGB, grey, "
+                            "palette, CMYK or an opaque alpha image)")
+    return size
 
 
 def check_inputs(items: Sequence[WorkItem], num_classes: int) -> None:
     """Cheap checks of every item before any CRF work: map file is a wsss map file with class
-    ids in 1..num_classes-1 and the image's size, saliency map present. Non-finite values are
-    found when a map is read (``load_maps`` names the file and class)."""
+    ids in 1..num_classes-1 and the image's size, image mode usable, saliency map present.
+    Non-finite values and transparent pixels are found when a file is read (the error names
+    the file, and the class for maps)."""
     for item in items:
         classes, size = _map_header(Path(item.maps))
         image_size = _image_size(Path(item.image))

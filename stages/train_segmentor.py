@@ -282,7 +282,8 @@ def train_model(config: PipelineConfig, model_name: str, mask_dir: Path, out_dir
 
     runtime.seed_everything(_mix(config.seed, model_name, "init") % 2**31)
     options = dict(cfg.model_options.get(model_name, {}))
-    model = build_segmentor(model_name, num_classes, backbone=cfg.backbone, pretrained=cfg.pretrained,
+    backbone = options.pop("backbone", cfg.backbone)  # per-model override, e.g. SETR: vit_large
+    model = build_segmentor(model_name, num_classes, backbone=backbone, pretrained=cfg.pretrained,
                             **options)
     model.to(device)
     optimizer, scheduler = build_optimizer(model, cfg)
@@ -356,7 +357,7 @@ def train_model(config: PipelineConfig, model_name: str, mask_dir: Path, out_dir
                     "model_name": model_name, "num_classes": num_classes, "iteration": done,
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "rng": runtime.rng_state(), "backbone": cfg.backbone})
+                    "rng": runtime.rng_state(), "backbone": backbone})
             runtime.barrier()
         if on_iteration is not None:
             on_iteration(done)
@@ -365,7 +366,7 @@ def train_model(config: PipelineConfig, model_name: str, mask_dir: Path, out_dir
     if info.is_main:
         runtime.save_checkpoint(out_dir / MODEL_FILE, {
             "model_name": model_name, "num_classes": num_classes, "class_names": list(dataset.class_names),
-            "backbone": cfg.backbone, "options": options, "model": model.state_dict(),
+            "backbone": backbone, "options": options, "model": model.state_dict(),
             "iteration": cfg.iterations})
         atomic_write_json(result_path, result)
     runtime.barrier()

@@ -285,7 +285,11 @@ def test_dask_client_output_identical_to_serial(serial_output, synthetic_root, m
         out = tmp_path / "dask"
         refine_crf.run(_config(tmp_path, synthetic_root, chunk_size=2), _upstream(maps_dir), out,
                        client=client)
+        by_address = tmp_path / "dask-address"        # crf.dask_address: the stage connects itself
+        refine_crf.run(_config(tmp_path, synthetic_root, chunk_size=3,
+                               dask_address=cluster.scheduler_address), _upstream(maps_dir), by_address)
     assert _pngs(out) == _pngs(serial_output[0])
+    assert _pngs(by_address) == _pngs(serial_output[0])
 
 
 def test_resume_after_kill_matches_uninterrupted_run(serial_output, synthetic_root, maps_dir, tmp_path,
@@ -378,3 +382,22 @@ def test_cli_skip_missing_flag_sets_the_field(monkeypatch, tmp_path):
     assert seen[0].crf.skip_missing is True
     assert cli_main(["run", "--stages", "refine_crf", "--set", f"workdir={tmp_path}"]) == 0
     assert seen[1].crf.skip_missing is False
+
+
+def test_stage_converts_grey_images_and_refuses_unusable_modes_up_front(own_maps, synthetic_root, tmp_path):
+    import shutil
+    directory, ids = own_maps
+    root = tmp_path / "copy"
+    shutil.copytree(synthetic_root, root)
+    dataset = build_dataset(_data_cfg(root), "train")
+    grey_path, bad_path = dataset.image_path(ids[5]), dataset.image_path(ids[3])
+    with Image.open(grey_path) as image:
+        image.convert("L").save(grey_path, format="JPEG")
+    Image.fromarray(np.zeros((48, 48), np.uint16)).save(bad_path, format="PNG")   # 16-bit grey
+    with pytest.raises(CRFInputError, match=rf"{bad_path.name} has unsupported mode 'I;16'"):
+        refine_crf.run(_config(tmp_path, root), _upstream(directory), tmp_path / "a")
+    assert not list((tmp_path / "a").glob("*.png"))          # refused before any CRF work
+    with Image.open(grey_path) as image:
+        image.convert("RGB").save(bad_path, format="JPEG")
+    result = refine_crf.run(_config(tmp_path, root), _upstream(directory), tmp_path / "b")
+    assert result.metrics["refined"] == len(ids) and (tmp_path / "b" / f"{ids[5]}.png").is_file()

@@ -56,6 +56,15 @@ OUTPUTS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two shared cores: one intra-op thread avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def ce(logits, target):
     return F.cross_entropy(logits, target, ignore_index=255)
 
@@ -402,8 +411,23 @@ def test_setr_layer_choice_meta():
 
 @pytest.fixture(scope="module")
 def setr_mla_large():
-    torch.manual_seed(0)
-    return build_segmentor("setr_mla", 21, backbone="vit_large").eval()
+    """A real ViT-L SETR-MLA, built on ``meta`` and filled with N(0, 0.02) weights (torchvision's
+    own initialisation of 300 M parameters takes much longer and is irrelevant here)."""
+    with torch.device("meta"):
+        model = build_segmentor("setr_mla", 21, backbone="vit_large")
+    model = model.to_empty(device="cpu").eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1:   # norm weights
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+        for name, b in model.named_buffers():
+            b.fill_(1.0 if name.endswith("running_var") else 0.0)
+    return model
 
 
 def test_setr_mla_reads_exactly_layers_6_12_18_24(setr_mla_large):

@@ -70,7 +70,9 @@ class CrissCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         query, key, value = self.query_conv(x), self.key_conv(x), self.value_conv(x)
-        a_col, a_row = self.attention(query, key)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # energies in float32
+            a_col, a_row = self.attention(query.float(), key.float())
+        a_col, a_row = a_col.to(value.dtype), a_row.to(value.dtype)
         out = torch.einsum("nciw,nhwi->nchw", value, a_col)
         out = out + torch.einsum("nchj,nhwj->nchw", value, a_row)
         return self.gamma(out) + x

@@ -67,10 +67,12 @@ class DisentangledNonLocal2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         value = self.g(x).flatten(2).transpose(1, 2)                          # N, HW, C'
-        pair = self.pairwise(self.theta(x).flatten(2), self.phi(x).flatten(2))  # N, HW, HW
-        y = torch.matmul(pair, value)                                          # N, HW, C'
-        unary = self.conv_mask(x).flatten(2).softmax(dim=-1)                   # N, 1, HW
-        y = y + torch.matmul(unary, value)                                     # broadcast over i
+        query, key = self.theta(x).flatten(2), self.phi(x).flatten(2)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # τ = 0.05 overflows float16
+            pair = self.pairwise(query.float(), key.float())                   # N, HW, HW
+        y = torch.matmul(pair.to(value.dtype), value)                          # N, HW, C'
+        unary = self.conv_mask(x).flatten(2).float().softmax(dim=-1)           # N, 1, HW
+        y = y + torch.matmul(unary.to(value.dtype), value)                     # broadcast over i
         y = y.transpose(1, 2).reshape(n, self.inter_channels, h, w)
         return x + self.conv_out(y)
 
