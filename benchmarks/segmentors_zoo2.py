@@ -15,12 +15,14 @@ ViT-L/16 for SETR, HRNetV2-W48 for the HRNet models, 21 classes. Printed per mod
   it within about 1 % of models.md's figures,
 * with ``--time``: the median forward time of one image at ``--size`` (CUDA when present,
   else CPU with the current thread count) and the peak memory of that forward
-  (``torch.cuda.max_memory_allocated`` on GPU, resident-set growth on CPU).
+  (``torch.cuda.max_memory_allocated`` on GPU; on CPU the peak resident-set growth above the
+  loaded model, i.e. activations and workspace, sampled every 2 ms).
 """
 
 import argparse
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -93,22 +95,30 @@ def timed(name: str, size: int, classes: int, repeats: int) -> dict:
     model = build_segmentor(name, classes, **_options(name, size)).eval().to(device)
     x = torch.randn(1, 3, size, size, device=device)
     proc = psutil.Process()
+    rss0, peak, done = proc.memory_info().rss, [0], threading.Event()
+
+    def sample():  # resident-set peak above the loaded model, sampled every 2 ms
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss - rss0)
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     times = []
     with torch.no_grad():
         model(x)  # warm-up
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        rss0 = proc.memory_info().rss
-        peak = rss0
         for _ in range(repeats):
             start = time.perf_counter()
             model(x)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-            peak = max(peak, proc.memory_info().rss)
-    memory = (torch.cuda.max_memory_allocated() if device.type == "cuda" else peak - rss0) / 2**20
+    done.set()
+    sampler.join()
+    memory = (torch.cuda.max_memory_allocated() if device.type == "cuda" else peak[0]) / 2**20
     return {"device": device.type, "seconds": statistics.median(times), "memory_mib": memory}
 
 

@@ -157,6 +157,27 @@ def submit(home: Path, deployment: str, config, stages: list[str] | None = None,
     return process.wait(), run_id, "".join(lines)
 
 
+def failure_message(state: dict, run_id: str) -> str:
+    """Name and message of the flow run's state, and of its failed task runs (Prefect REST API)."""
+    import urllib.request
+
+    api = f"{state['prefect'].url}/api"
+    try:
+        with urllib.request.urlopen(f"{api}/flow_runs/{run_id}", timeout=10) as response:
+            run = json.loads(response.read())
+        body = json.dumps({"flow_runs": {"id": {"any_": [run_id]}},
+                           "task_runs": {"state": {"type": {"any_": ["FAILED", "CRASHED"]}}}}).encode()
+        request = urllib.request.Request(f"{api}/task_runs/filter", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            tasks = json.loads(response.read())
+    except (OSError, ValueError) as err:
+        return f"(could not read the flow run from the Prefect API: {err})"
+    lines = [f"flow run {run.get('name')}: {run['state']['name']}: {run['state'].get('message') or ''}"]
+    lines += [f"task {t['name']}: {t['state']['name']}: {t['state'].get('message') or ''}" for t in tasks]
+    return "\n".join(lines)
+
+
 def _root() -> Path:
     from flows.paths import project_root
 
@@ -204,8 +225,9 @@ def _run_and_report(args, deployment: str, config) -> int:
     _, state = services.require_running(home)
     summary = read_summary(config, run_id)
     if summary is None:
-        print(f"wsss: flow run {run_id} wrote no summary (it failed: see the log above and "
-              f"{state['prefect'].url}/runs/flow-run/{run_id})", file=sys.stderr)
+        print(f"wsss: flow run {run_id} failed:\n{failure_message(state, run_id)}\n"
+              f"logs: {state['prefect'].url}/runs/flow-run/{run_id} and {state['worker'].log}",
+              file=sys.stderr)
         return code or 1
     print_summary(summary, state)
     return code

@@ -48,6 +48,8 @@ from stages import STAGE_ORDER, STAGES, check_stage_names, needed_stages, run_st
 
 StageName = Literal[STAGE_ORDER]  # type: ignore[valid-type]  # the five names, for the schema
 SUMMARY_KEY = "wsss-summary"
+MAX_ARTIFACT_BYTES = 200 * 2**20
+MAX_ARTIFACT_FILES = 200
 TRACKING_ENV = "WSSS_TRACKING"  # "off" disables MLflow (plain Prefect runs, unit tests)
 
 
@@ -133,7 +135,11 @@ def _run_stage_task(name: str, config: PipelineConfig, upstream: dict[str, Stage
                 counter.stop()
         if progress:
             progress.finish()
-        _report_stage(inner, result, tracking, already=tracker.logged)
+        try:
+            _report_stage(inner, result, tracking, already=tracker.logged)
+        except Exception as err:  # the stage's output is complete: tracking must not undo it
+            logger.warning("%s: MLflow reporting failed (%s: %s); the output is complete",
+                           name, type(err).__name__, err)
         tracker.close("FINISHED")
     verb = "reused" if result.cached else f"done in {result.duration_s:.1f}s"
     logger.info("%s: %s %s", name, verb, _headline(result))
@@ -144,7 +150,10 @@ def _run_stage_task(name: str, config: PipelineConfig, upstream: dict[str, Stage
 
 def _report_stage(inner: Tracker, result: StageResult, tracking: Optional[dict],
                   already: set = frozenset()) -> None:
-    """Metrics, tags and artifacts of a finished (or reused) stage on its MLflow child run."""
+    """Metrics, tags and artifacts of a finished (or reused) stage on its MLflow child run:
+    the manifest, and the files the stage lists in ``result.files`` that lie inside its
+    output directory (files up to 200 MB, directories up to 200 files; per-image outputs
+    stay on disk)."""
     if not tracking:
         return
     numeric = {k: v for k, v in result.metrics.items()
@@ -160,19 +169,20 @@ def _report_stage(inner: Tracker, result: StageResult, tracking: Optional[dict],
         tags["mlflow.note.content"] = (f"Reused output `{result.key}` of stage {result.stage}, "
                                        f"produced by run {result.run_id}.")
     inner.set_tags(tags)
-    out = Path(result.path)
+    out = Path(result.path).resolve()
     if (out / "manifest.json").is_file():
         inner.log_artifact(out / "manifest.json")
     if result.cached:
         return
     for rel in sorted(set(result.files.values())) if result.files else []:
-        path = out / rel
-        if path.resolve() in already:
-            continue
-        if path.is_file() and path.stat().st_size <= 200 * 2**20:
-            inner.log_artifact(path, str(Path(rel).parent) if Path(rel).parent != Path(".") else None)
-        elif path.is_dir() and sum(1 for _ in path.rglob("*")) <= 200:
-            inner.log_artifact(path, rel)
+        path = (out / rel).resolve()
+        if path in already or path == out or out not in path.parents:
+            continue  # logged by the stage, the whole output, or another stage's file
+        parent = path.parent.relative_to(out).as_posix()
+        if path.is_file() and path.stat().st_size <= MAX_ARTIFACT_BYTES:
+            inner.log_artifact(path, None if parent == "." else parent)
+        elif path.is_dir() and sum(1 for _ in path.rglob("*")) <= MAX_ARTIFACT_FILES:
+            inner.log_artifact(path, path.relative_to(out).as_posix())
 
 
 def _headline(result: StageResult) -> str:

@@ -53,10 +53,26 @@ def check_stage_names(names: Iterable[str]) -> list[str]:
     return [n for n in STAGE_ORDER if n in names]
 
 
+# fields that say how a stage runs, not what it produces: left out of the provenance key so
+# that e.g. a killed CRF stage can be resumed with another worker count
+EXECUTION_FIELDS: dict[str, tuple[str, ...]] = {
+    "classifier": ("num_workers", "log_every"),
+    "maps": ("workers",),
+    "crf": ("workers", "chunk_size", "dask_address"),
+    "segmentor": ("num_workers", "log_every", "parallel"),
+}
+
+
 def stage_config(config: PipelineConfig, name: str) -> dict[str, Any]:
     """The part of the config that determines a stage's output."""
     full = config_to_dict(config)
-    return {section: full[section] for section in STAGES[name].sections}
+    part = {}
+    for section in STAGES[name].sections:
+        value = full[section]
+        if isinstance(value, dict) and section in EXECUTION_FIELDS:
+            value = {k: v for k, v in value.items() if k not in EXECUTION_FIELDS[section]}
+        part[section] = value
+    return part
 
 
 def stage_key(config: PipelineConfig, name: str, upstream_keys: Mapping[str, str]) -> str:

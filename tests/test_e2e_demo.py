@@ -31,10 +31,11 @@ pytestmark = [pytest.mark.slow,
 
 TINY = [
     "data.synthetic.num_train=16", "data.synthetic.num_val=8", "data.synthetic.image_size=64",
-    "classifier.epochs=2", "classifier.image_size=64", "classifier.lr_steps=[1]",
-    "classifier.contrastive_from_epoch=1", "maps.workers=1", "crf.workers=1",
-    "segmentor.iterations=30", "segmentor.crop_size=64", "segmentor.checkpoint_every=10",
+    "classifier.epochs=1", "classifier.image_size=64", "classifier.lr_steps=[1]",
+    "classifier.contrastive_from_epoch=0", "maps.workers=1", "crf.workers=1",
+    "segmentor.iterations=8", "segmentor.crop_size=64", "segmentor.checkpoint_every=4",
     "segmentor.warmup_iters=2", "segmentor.models=[sanet, fcn]",
+    "segmentor.model_options={fcn: {channels: 32, aux_channels: 16}}",
     "evaluation.crop_size=64", "evaluation.previews=2",
 ]
 
@@ -82,15 +83,15 @@ def _summary(config, run_id):
 @pytest.fixture(scope="module")
 def first_run(live, tmp_path_factory):
     """``prefect deployment run wsss/demo --watch`` on the tiny config (uninterrupted)."""
-    from flows.cli import submit
+    from flows.cli import failure_message, submit
 
     home, _ = live
     base = tmp_path_factory.mktemp("runs")
     config = tiny_config(base, "A")
     start = time.time()
     code, run_id, output = submit(home, "demo", config, echo=False, timeout=500)
-    assert code == 0, output[-3000:]
     assert run_id, output[-3000:]
+    assert code == 0, failure_message(live[1], run_id)
     return base, config, run_id, time.time() - start
 
 
@@ -160,7 +161,7 @@ def test_invalid_parameters_rejected_at_run_creation(live):
 
 def test_kill_in_stage_2_then_resume_equals_uninterrupted(live, first_run):
     from flows import services
-    from flows.cli import submit
+    from flows.cli import failure_message, submit
 
     home, _ = live
     base, reference, ref_run, _ = first_run
@@ -185,7 +186,7 @@ def test_kill_in_stage_2_then_resume_equals_uninterrupted(live, first_run):
 
     state = services.up(home, say=lambda s: None)  # restarts the dead worker only
     code, rerun_id, output = submit(home, "demo", config, echo=False, timeout=500)
-    assert code == 0, output[-3000:]
+    assert code == 0, failure_message(state, rerun_id)
     summary = _summary(config, rerun_id)
     cached = {r["stage"]: r["cached"] for r in summary["stages"]}
     assert cached["train_classifier"] == "yes" and cached["generate_cams"] == "no"

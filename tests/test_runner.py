@@ -91,3 +91,15 @@ def test_tracker_children_per_stage(tmp_path, fake_stages):
 def test_unknown_stage_name():
     with pytest.raises(ValueError, match="unknown stage.*choose from"):
         stages.check_stage_names(["refine"])
+
+
+def test_execution_fields_do_not_change_keys(tmp_path):
+    base = load_config("demo", [f"workdir={tmp_path}"])
+    other = load_config("demo", [f"workdir={tmp_path}", "crf.workers=2", "crf.chunk_size=3",
+                                 "maps.workers=2", "segmentor.num_workers=1"])
+    for name in ("refine_crf", "generate_cams", "train_segmentor"):
+        ups = {u: "k" for u in stages.STAGES[name].upstream}
+        assert stages.stage_key(base, name, ups) == stages.stage_key(other, name, ups)
+    changed = load_config("demo", [f"workdir={tmp_path}", "crf.iterations=2"])
+    assert stages.stage_key(base, "refine_crf", {"generate_cams": "k"}) != \
+        stages.stage_key(changed, "refine_crf", {"generate_cams": "k"})

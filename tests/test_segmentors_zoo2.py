@@ -98,6 +98,9 @@ def test_forward_backward_shapes(name):
         y = model(torch.randn(1, 3, 48, 80))["out"]
     stride = OUTPUTS[name]["out"][0]
     assert y.shape == (1, 5, math.ceil(48 / stride), math.ceil(80 / stride))
+    with torch.no_grad():   # sides that are not multiples of 16 (SETR pads, then crops back)
+        y = model(torch.randn(1, 3, 40, 72))["out"]
+    assert y.shape == (1, 5, math.ceil(40 / stride), math.ceil(72 / stride))
 
 
 # --------------------------------------------------------------------------- CCNet
@@ -355,6 +358,11 @@ def test_mmseg_vit_names_convert():
     converted = convert_mmseg_vit(mm)
     assert set(converted) == set(ours)
     enc.load_state_dict(converted)
+    # a 384-px (24x24 grid) mmseg ViT checkpoint loads with its position embedding resized
+    big = dict(mm, pos_embed=torch.randn(1, 1 + 24 * 24, 64))
+    enc.load_mmseg_state_dict({"state_dict": big})
+    assert enc.encoder.pos_embedding.shape == (1, 17, 64)
+    assert torch.equal(enc.encoder.pos_embedding[:, 0], big["pos_embed"][:, 0])
     model = build_segmentor("setr_naive", 3, **TINY["setr_naive"])
     full = {("backbone." + k if k in mm else k): v for k, v in mm.items()}
     full.update({k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")})

@@ -16,8 +16,9 @@ Backbone (mmseg's ``HRNet``, child names as mmseg and the MSRA checkpoints):
   between them, none after the last).
 
 W18: 18/36/72/144 (270-channel concatenation), W48: 48/96/192/384 (720).
-**HRNetV2 representation**: the four outputs bilinearly upsampled (``align_corners=False``)
-to 1/4 and concatenated (mmseg's ``resize_concat`` input transform; ``concat=True`` here).
+**HRNetV2 representation**: the four outputs bilinearly upsampled (``align_corners=False``,
+as mmseg; the HRNet repository uses ``True``) to 1/4 and concatenated (mmseg's
+``resize_concat`` input transform; ``concat=True`` here).
 
 Heads:
 

@@ -29,6 +29,15 @@ MMSEG_CONFIGS = {
     "deeplabv3plus": "deeplabv3plus_r101-d8_4xb4-20k_voc12aug-512x512",
     "danet": "danet_r101-d8_4xb4-20k_voc12aug-512x512",
     "ocrnet": "ocrnet_r101-d8_4xb2-40k_cityscapes-512x1024 (cityscapes only for R-101)",
+    "ccnet": "ccnet_r101-d8_4xb4-20k_voc12aug-512x512",
+    "ann": "ann_r101-d8_4xb4-20k_voc12aug-512x512",
+    "isanet": "isanet_r101-d8_4xb4-20k_voc12aug-512x512",
+    "dnlnet": "dnl_r101-d8_4xb2-40k_cityscapes-512x1024 (cityscapes only)",
+    "fcn_hrnet": "fcn_hr48_4xb4-20k_voc12aug-512x512 (backbone hrnet_w48)",
+    "ocrnet_hrnet": "ocrnet_hr48_4xb4-20k_voc12aug-512x512 (backbone hrnet_w48)",
+    "setr_naive": "setr_vit-l_naive_8xb2-160k_ade20k-512x512 (ADE20K only; rename with setr.convert_mmseg_setr)",
+    "setr_pup": "setr_vit-l_pup_8xb2-160k_ade20k-512x512 (ADE20K only; rename with setr.convert_mmseg_setr)",
+    "setr_mla": "setr_vit-l_mla_8xb2-160k_ade20k-512x512 (ADE20K only; rename with setr.convert_mmseg_setr)",
 }
 
 class CheckpointMismatch(ValueError):

@@ -20,6 +20,9 @@ Notation: ``F_l`` = output of transformer layer ``l`` as a ``(D, H/16, W/16)`` m
   Head: per level ``U_i = Up_4(CBR_3(CBR_3(P_i)))`` (256 -> 128 -> 128), ``y = cls([U_1..U_4])``
   (512 -> K, logits at 1/4). Auxiliary: a 1x1 classifier on each ``P_i``.
 
+Inputs whose sides are not multiples of 16 are zero-padded by the encoder; every output is
+cropped back to the part covering the input, so logits stay aligned with the labels.
+
 Losses: ``L = CE(y) + 0.4 * sum_i CE(y_aux_i)`` (the paper's and mmseg's 0.4), keys
 ``decode.loss_ce``, ``aux_0.loss_ce`` ... in mmseg's naming.
 
@@ -37,12 +40,15 @@ load after :func:`convert_mmseg_setr` (the heads and neck already use mmseg's na
 ViT's names are torchvision's).
 """
 
+import math
+
 import torch
 from torch import nn
 
 from models.segmentors import Segmentor, register
 from models.segmentors.layers import ConvModule, DecodeHead, FCNHead, select
-from models.segmentors.vit import ViTEncoder, convert_mmseg_vit, layer_fractions_to_indices, resolve_vit_name
+from models.segmentors.vit import (VIT_ARCHS, ViTEncoder, convert_mmseg_vit, layer_fractions_to_indices,
+                                   resolve_vit_name)
 
 #: layers (1-based, of 24) SETR-Naive/PUP read: decode on 24, auxiliary heads on 10, 15, 20
 UP_LAYER_FRACTIONS = (10 / 24, 15 / 24, 20 / 24, 24 / 24)
@@ -155,6 +161,13 @@ class SETR(Segmentor):
         if self.auxiliary_head is not None and self.training:
             for i, head in enumerate(self.auxiliary_head):
                 outputs[f"aux_{i}"] = head(feats)
+        # the encoder zero-pads to a multiple of the patch size: drop the padded border
+        h, w = x.shape[-2:]
+        p = self.backbone.patch_size
+        hp, wp = math.ceil(h / p) * p, math.ceil(w / p) * p
+        if (hp, wp) != (h, w):
+            outputs = {k: v[..., :math.ceil(v.shape[-2] * h / hp), :math.ceil(v.shape[-1] * w / wp)]
+                       for k, v in outputs.items()}
         return outputs
 
 
@@ -168,7 +181,6 @@ def _encoder(backbone, pretrained, img_size, fractions, out_indices, drop_rate, 
     except ValueError:
         raise ValueError(f"SETR needs a ViT backbone (vit_large as the paper, vit_base, or "
                          f"tiny/vit_tiny for tests), got backbone {backbone!r}") from None
-    from models.segmentors.vit import VIT_ARCHS
     layers = VIT_ARCHS[name].num_layers
     indices = tuple(out_indices) if out_indices is not None else layer_fractions_to_indices(layers, fractions)
     return ViTEncoder(name, img_size=img_size, out_indices=indices, drop_rate=drop_rate,

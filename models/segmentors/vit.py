@@ -163,6 +163,15 @@ class ViTEncoder(nn.Module):
             raise RuntimeError(f"ViT weights do not fit {self.name}: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
 
+    def load_mmseg_state_dict(self, state: dict) -> None:
+        """Load an mmseg/timm-converted ViT checkpoint (e.g. mmseg's
+        ``vit-large-p16_in21k-pre-3rdparty_ft-64xb64_in1k-384``, SETR's ImageNet-21k
+        initialisation), renamed by :func:`convert_mmseg_vit`, position embedding resized."""
+        if "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        state = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in state.items()}
+        self.load_vit_state_dict(convert_mmseg_vit(state))
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         n, _, h, w = x.shape
         p = self.patch_size
