@@ -45,6 +45,8 @@ from pipeline.config import EvaluationConfig, PipelineConfig
 from pipeline.data import build_dataset
 from pipeline.data.palette import read_label_png, save_label_png, voc_palette
 from pipeline.data.transforms import normalize
+from pipeline.map_eval import evaluate_maps
+from pipeline.mask_eval import evaluate_masks
 from pipeline.metrics import IGNORE_INDEX, ConfusionMatrix
 from pipeline.storage import StageResult, atomic_path, atomic_write_json, atomic_write_text
 from pipeline.tracking import NULL_TRACKER, Tracker
@@ -213,6 +215,7 @@ def evaluate_segmentor(model_path: Path, dataset, cfg: EvaluationConfig, out_dir
     predictions, previews and the confusion matrix into ``out_dir``."""
     model, state = load_trained(model_path, num_classes=dataset.num_classes, device=device)
     cm = ConfusionMatrix(dataset.num_classes)
+    all_background = ConfusionMatrix(dataset.num_classes)
     pred_dir, preview_dir = out_dir / "predictions", out_dir / "previews"
     for index, image_id in enumerate(dataset.ids):
         gt = dataset.load_mask(image_id)
@@ -228,6 +231,7 @@ def evaluate_segmentor(model_path: Path, dataset, cfg: EvaluationConfig, out_dir
             raise ValueError(f"prediction {pred_path} has shape {pred.shape}, ground truth of "
                              f"{image_id} {gt.shape}")
         cm.update(pred, gt)
+        all_background.update(np.zeros_like(gt), gt)
         if index < cfg.previews:
             image = dataset.load_image(image_id) if image is None else image
             save_rgb_png(preview_dir / f"{image_id}.png", preview_grid(image, pred, gt))
@@ -237,6 +241,7 @@ def evaluate_segmentor(model_path: Path, dataset, cfg: EvaluationConfig, out_dir
         "matrix": summary["confusion_matrix"]})
     save_rgb_png(out_dir / "confusion_matrix.png", confusion_image(cm.matrix.numpy(), dataset.class_names))
     summary["images"] = len(dataset.ids)
+    summary["all_background_miou"] = all_background.miou()
     summary["checkpoint"] = str(model_path)
     return summary
 
@@ -247,11 +252,14 @@ def conventions(config: PipelineConfig, split: str) -> dict[str, Any]:
     return {
         "segmentor_split": split,
         "maps_split": config.maps.split or config.data.train_split,
-        "pseudo_mask_split": config.data.train_split,
+        "pseudo_mask_split": config.maps.split or config.data.train_split,
         "maps_background": ("fixed threshold %.2f" % ev.map_threshold if ev.map_threshold is not None
                             else "best of a threshold sweep"),
         "ground_truth_255": "ignored (pixels left out of every confusion matrix)",
-        "predicted_255": "pseudo-masks: see pseudo_masks.pred_ignore; segmentors never predict 255",
+        "predicted_255": ("pseudo-masks: pseudo_mask_miou drops them (quality of what is labelled); "
+                          "scores.pseudo_masks.miou_ignore_as_background counts them as background and "
+                          "labelled_fraction says how much is labelled; segmentors never predict 255"),
+        "chance": "each segmentor's all_background_miou = mIoU of labelling every pixel background",
         "segmentor_inference": (f"{'multi-scale ' + str(ev.scales) if len(ev.scales) > 1 else 'single-scale'}"
                                 f"{' + flip' if ev.flip else ''}, {ev.mode}"
                                 + (f" (crop {ev.crop_size}, stride {ev.stride})" if ev.mode == "slide" else "")),
@@ -263,9 +271,6 @@ def conventions(config: PipelineConfig, split: str) -> dict[str, Any]:
 
 def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Path,
         tracker: Tracker = NULL_TRACKER) -> StageResult:
-    from pipeline.map_eval import evaluate_maps
-    from pipeline.mask_eval import evaluate_masks
-
     ev = config.evaluation
     missing = [s for s in ("generate_cams", "refine_crf", "train_segmentor") if s not in upstream]
     if missing:
@@ -288,11 +293,15 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
                              f"classes but the configured dataset has {dataset.num_classes}")
 
     scores: dict[str, dict[str, Any]] = {}
-    scores["maps"] = evaluate_maps(config, Path(upstream["generate_cams"].path))
-    mask_split = config.maps.split or config.data.train_split
-    scores["pseudo_masks"] = evaluate_masks(Path(upstream["refine_crf"].path),
-                                            build_dataset(config.data, mask_split), missing="skip")
-    scores["pseudo_masks"]["split"] = mask_split
+    map_split = config.maps.split or config.data.train_split
+    map_dataset = build_dataset(config.data, map_split)
+    thresholds = [ev.map_threshold] if ev.map_threshold is not None else config.maps.background_thresholds
+    maps = evaluate_maps(Path(upstream["generate_cams"].path), map_dataset, thresholds, missing="skip")
+    scores["maps"] = {"miou": maps["maps"]["best_miou"], "per_class_iou": maps["maps"]["per_class_iou"],
+                      "background_threshold": maps["maps"]["best_threshold"], "split": map_split,
+                      "details": maps}
+    masks = evaluate_masks(Path(upstream["refine_crf"].path), map_dataset, missing="skip")
+    scores["pseudo_masks"] = {**masks, "split": map_split}
     crf_params = resolve_params(config.crf) if ev.crf else None
     for name in models:
         scores[name] = evaluate_segmentor(seg_dir / name / MODEL_FILE, dataset, ev, out_dir / name,
@@ -306,6 +315,7 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
     atomic_write_json(out_dir / "metrics.json", {"conventions": conventions(config, split), "scores": scores})
     metrics: dict[str, Any] = {"maps_miou": scores["maps"]["miou"],
                                "pseudo_mask_miou": scores["pseudo_masks"]["miou"]}
+    metrics["pseudo_mask_miou_ignore_as_background"] = scores["pseudo_masks"]["miou_ignore_as_background"]
     metrics.update({f"{name}_miou": scores[name]["miou"] for name in models})
     metrics["headline"] = (f"maps {100 * metrics['maps_miou']:.1f} | pseudo-masks "
                            f"{100 * metrics['pseudo_mask_miou']:.1f} | "

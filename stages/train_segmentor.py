@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from models.segmentors import available, build_segmentor
@@ -89,8 +90,9 @@ def check_models(names: Sequence[str]) -> None:
 
 
 def scan_pseudo_masks(mask_dir: Path, ids: Sequence[str], num_classes: int,
-                      split: str = "train") -> np.ndarray:
-    """Check that every image of the split has a mask with values in ``[0, C) ∪ {255}``.
+                      split: str = "train", image_path: Callable[[str], Path] | None = None) -> np.ndarray:
+    """Check that every image of the split has a mask with values in ``[0, C) ∪ {255}``
+    (and, given ``image_path``, the size of its image: only the image header is read).
 
     Returns ``(pixels[c], image_pixels[c])``: per class the pixels labelled ``c`` and the
     pixels of the images that contain ``c`` (for median-frequency weights), shape (2, C).
@@ -107,6 +109,12 @@ def scan_pseudo_masks(mask_dir: Path, ids: Sequence[str], num_classes: int,
     for image_id in ids:
         path = mask_dir / f"{image_id}.png"
         mask = read_label_png(path)
+        if image_path is not None:
+            with Image.open(image_path(image_id)) as image:
+                width, height = image.size
+            if mask.shape != (height, width):
+                raise PseudoMaskError(f"pseudo-mask {path} is {mask.shape[1]}x{mask.shape[0]} but its "
+                                      f"image {image_path(image_id)} is {width}x{height}")
         hist = np.bincount(mask.reshape(-1), minlength=256)
         bad = np.nonzero(hist[num_classes:IGNORE_INDEX])[0]
         if bad.size:
@@ -418,7 +426,8 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
         raise ValueError("train_segmentor needs the output of refine_crf (the pseudo-masks)")
     mask_dir = Path(upstream["refine_crf"].path)
     base = build_dataset(config.data, config.data.train_split)
-    counts = scan_pseudo_masks(mask_dir, base.ids, base.num_classes, config.data.train_split)
+    counts = scan_pseudo_masks(mask_dir, base.ids, base.num_classes, config.data.train_split,
+                               image_path=base.image_path)
     out_dir = Path(out_dir)
     tracker.log_params({"models": ",".join(cfg.models), "mask_dir": str(mask_dir)})
     results: dict[str, dict[str, Any]] = {}

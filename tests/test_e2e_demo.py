@@ -34,7 +34,7 @@ TINY = [
     "classifier.epochs=1", "classifier.image_size=64", "classifier.lr_steps=[1]",
     "classifier.contrastive_from_epoch=0", "maps.workers=1", "crf.workers=1",
     "segmentor.iterations=8", "segmentor.crop_size=64", "segmentor.checkpoint_every=4",
-    "segmentor.warmup_iters=2", "segmentor.models=[sanet, fcn]",
+    "segmentor.warmup_iters=2", "segmentor.log_every=2", "segmentor.models=[sanet, fcn]",
     "segmentor.model_options={fcn: {channels: 32, aux_channels: 16}}",
     "evaluation.crop_size=64", "evaluation.previews=2",
 ]
@@ -134,7 +134,7 @@ def test_deployment_run_outputs_and_mlflow(live, first_run):
     assert set(children) == set(stages.STAGE_ORDER)
     assert all(r.info.status == "FINISHED" for r in runs)
     assert children["evaluate"].data.metrics["sanet_miou"] == pytest.approx(metrics["sanet_miou"])
-    assert children["train_classifier"].data.params["classifier.epochs"] == "2"
+    assert children["train_classifier"].data.params["classifier.epochs"] == "1"
     seg = children["train_segmentor"]
     models = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{seg.info.run_id}'")
     assert {r.info.run_name for r in models} >= {"sanet", "fcn"}

@@ -220,3 +220,73 @@ def test_checkpoint_class_count_mismatch_is_refused(trained, tmp_path):
     with pytest.raises(ValueError, match=r"has 21 classes but the configured dataset has 4"):
         ev.run(config, upstream, tmp_path / "out")
     assert not (tmp_path / "out" / "fcn").exists()
+
+
+# --------------------------------------------------------------------------- acceptance
+def gt_maps_dir(config, root: Path) -> Path:
+    """Stage 2 stand-in: per image, one map per present class = its ground-truth region."""
+    from pipeline.maps_io import map_path, save_maps
+    dataset = build_dataset(config.data, config.data.train_split)
+    maps_dir = root / "maps"
+    maps_dir.mkdir(exist_ok=True)
+    for image_id in dataset.ids:
+        mask = dataset.load_mask(image_id)
+        classes = [c for c in range(1, dataset.num_classes) if (mask == c).any()]
+        maps = np.stack([(mask == c).astype(np.float32) for c in classes]) if classes else \
+            np.zeros((0,) + mask.shape, np.float32)
+        save_maps(map_path(maps_dir, image_id), classes, maps)
+    return maps_dir
+
+
+ACCEPT = {"sanet": {"backbone_options": {"width": 16}},
+          "deeplab_largefov": {"channels": 128, "dilation": 2, "dropout_ratio": 0.0,
+                               "backbone_options": {"width": 16}}}
+
+
+@pytest.mark.slow
+def test_two_segmentors_trained_on_masks_beat_chance(tmp_path):
+    """Stages 4+5 end to end: SANet and DeepLab-LargeFOV trained briefly on the synthetic
+    ground truth (as pseudo-masks) score well above the all-background mIoU on val; the maps
+    and pseudo-masks (built from the ground truth here) score 1."""
+    config = load_config("demo")
+    data = {**config.data.model_dump(), "root": str(tmp_path / "data"),
+            "synthetic": {"num_classes": 1, "num_train": 48, "num_val": 16, "image_size": 48}}
+    seg = {**config.segmentor.model_dump(), "models": ["sanet", "deeplab_largefov"],
+           "model_options": ACCEPT, "iterations": 120, "batch_size": 8, "crop_size": 48,
+           "scale_range": [0.75, 1.5], "lr": 0.1, "warmup_iters": 0, "checkpoint_every": 1000,
+           "log_every": 20, "amp": False, "num_workers": 0}
+    evaluation = {**config.evaluation.model_dump(), "previews": 3}
+    config = config.model_validate({**config.model_dump(), "workdir": str(tmp_path / "work"),
+                                    "data": data, "segmentor": seg, "evaluation": evaluation})
+    masks, maps = gt_mask_dir(config, tmp_path), gt_maps_dir(config, tmp_path)
+    tracker = MemoryTracker()
+    seg_result = ts.run(config, {"refine_crf": StageResult("refine_crf", "k", str(masks))},
+                        tmp_path / "seg", tracker.child("train_segmentor"))
+    for name in ("sanet", "deeplab_largefov"):
+        losses = tracker.children["train_segmentor"].children[name].history("loss")
+        assert losses[-1] < losses[0], f"{name} loss did not decrease: {losses}"
+    upstream = {"generate_cams": StageResult("generate_cams", "k", str(maps)),
+                "refine_crf": StageResult("refine_crf", "k", str(masks)),
+                "train_segmentor": seg_result}
+    result = ev.run(config, upstream, tmp_path / "eval", tracker.child("evaluate"))
+    m = result.metrics
+    assert m["maps_miou"] == pytest.approx(1.0) and m["pseudo_mask_miou"] == pytest.approx(1.0)
+    stored = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert stored["conventions"]["segmentor_split"] == "val"
+    for name in ("sanet", "deeplab_largefov"):
+        chance = stored["scores"][name]["all_background_miou"]
+        assert m[f"{name}_miou"] > chance + 0.1, (name, m[f"{name}_miou"], chance)
+        assert len(list((tmp_path / "eval" / name / "previews").glob("*.png"))) == 3
+        assert (tmp_path / "eval" / name / "confusion_matrix.png").is_file()
+    table = (tmp_path / "eval" / "per_class_iou.md").read_text()
+    assert "| background |" in table and "sanet" in table and "pseudo_masks" in table
+    assert "sanet" in m["headline"] and "pseudo-masks 100.0" in m["headline"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared, oversubscribed CPU this is many times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -181,6 +181,16 @@ def test_bad_mask_value_named(base, tmp_path):
     assert not (tmp_path / "out" / "fcn").exists()
 
 
+def test_mask_size_mismatch_named(base, tmp_path):
+    _, _, dataset, masks = base
+    bad = tmp_path / "bad"
+    shutil.copytree(masks, bad)
+    victim = bad / f"{dataset.ids[1]}.png"
+    save_label_png(victim, np.zeros((10, 12), np.uint8))
+    with pytest.raises(ts.PseudoMaskError, match=rf"{victim} is 12x10 but its image .* is 48x48"):
+        ts.scan_pseudo_masks(bad, dataset.ids, dataset.num_classes, image_path=dataset.image_path)
+
+
 def test_scan_counts_and_255(base):
     _, _, dataset, masks = base
     counts = ts.scan_pseudo_masks(masks, dataset.ids, dataset.num_classes)
@@ -265,3 +275,12 @@ def test_parallel_processes_match_in_process(base, tmp_path):
     wa, wb = _weights(in_proc / "fcn" / ts.MODEL_FILE), _weights(tmp_path / "par" / "fcn" / ts.MODEL_FILE)
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5) for k in wa)
     assert len(tracker.children["fcn"].history("loss")) == 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared, oversubscribed CPU this is many times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
