@@ -198,7 +198,8 @@ def print_summary(summary: dict, state: dict) -> None:
     print()
     columns = ("stage", "key", "cached", "seconds", "headline")
     _print_rows([{c: row.get(c, "") for c in columns} for row in summary["stages"]])
-    print(f"\npipeline time {summary['seconds']:.1f}s, outputs under {summary['workdir']}")
+    print(f"\npipeline time {summary['seconds']:.1f}s, peak RSS {summary.get('peak_rss_mb', 0):.0f} MB, "
+          f"outputs under {summary['workdir']}")
     prefect_url = state["prefect"].url
     print(f"Prefect UI: {prefect_url}/runs/flow-run/{summary['flow_run_id']}")
     if summary.get("mlflow_run_id"):

@@ -259,6 +259,7 @@ def wsss(config: PipelineConfig = preset("demo"),
     create_table_artifact(rows, key=SUMMARY_KEY, description=f"wsss {config.name}: stage summary")
     summary = {"flow_run_id": run_id, "flow_run_name": run_name, "config_name": config.name,
                "workdir": str(workdir), "seconds": round(time.time() - start, 1), "stages": rows,
+               "peak_rss_mb": peak_rss_mb(),
                "mlflow_run_id": parent.run_id if parent else None,
                "mlflow_experiment_id": tracking["experiment_id"] if tracking else None,
                "results": {n: r.to_dict() for n, r in results.items()}}
@@ -274,6 +275,16 @@ def wsss(config: PipelineConfig = preset("demo"),
     create_markdown_artifact("```\n" + table + "\n```", key=f"{SUMMARY_KEY}-text",
                              description="the table `wsss demo` prints")
     return {n: r.to_dict() for n, r in results.items()}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process and of its largest finished child (stage worker
+    pools), in MB (Linux reports ru_maxrss in KB)."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(own, children) / 1024, 1)
 
 
 def _git_commit() -> str:

@@ -287,6 +287,22 @@ def test_hrnet_branches_and_concat():
             "stage4.2.fuse_layers.3.0.0.0.weight", "stage4.2.branches.3.3.conv2.weight"} <= names
 
 
+def test_hrnet_loads_msra_style_checkpoint(tmp_path):
+    """ImageNet HRNet checkpoints carry classification parts (ignored) and mmseg's names."""
+    src = HRNet("tiny")
+    state = {f"backbone.{k}": v.clone() for k, v in src.state_dict().items()}
+    state.update({"incre_modules.0.0.conv1.weight": torch.zeros(1), "classifier.weight": torch.zeros(3, 4)})
+    path = tmp_path / "hrnet_tiny.pth"
+    torch.save({"state_dict": state}, path)
+    model = build_segmentor("fcn_hrnet", 4, backbone="tiny", backbone_options={"weights_path": str(path)})
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[k], v), k
+    del state["backbone.conv1.weight"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="missing.*conv1.weight"):
+        build_hrnet("tiny", weights_path=path)
+
+
 # --------------------------------------------------------------------------- bad input
 def test_wrong_backbone_family_named():
     with pytest.raises(ValueError, match="SETR needs a ViT backbone.*resnet101"):
