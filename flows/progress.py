@@ -4,7 +4,8 @@
 forwards every call unchanged; on the side it
 
 * turns ``log_metrics(..., step=n)`` into a run-log line (at most one every
-  ``log_every_s`` seconds per sub-unit, so per-epoch lines all show and per-iteration ones
+  ``log_every_s`` seconds per sub-unit and group of metric names — ``epoch/...`` and
+  ``step/...`` are separate groups — so per-epoch lines all show and per-iteration ones
   are thinned),
 * keeps a Prefect progress artifact (``create_progress_artifact`` /
   ``update_progress_artifact``) up to date as items finish.
@@ -120,7 +121,7 @@ class StageTracker(Tracker):
         self.steps = steps
         self.log_every_s = log_every_s
         self.root = _root or self
-        self._last_line = -1e9
+        self._last_line: dict[tuple, float] = {}  # per group of metric names
         self.children: dict[str, StageTracker] = {}
         self.logged: set[Path] = set()  # files the stage logged itself on its own run
 
@@ -136,8 +137,9 @@ class StageTracker(Tracker):
         if step is None:
             return
         now = time.monotonic()
-        if now - self._last_line >= self.log_every_s:
-            self._last_line = now
+        group = tuple(sorted({k.split("/")[0] for k in metrics}))  # "epoch/..." vs "step/..."
+        if now - self._last_line.get(group, -1e9) >= self.log_every_s:
+            self._last_line[group] = now
             shown = ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items()
                               if isinstance(v, (int, float)) or hasattr(v, "__float__"))
             self.logger.info("%s step %s: %s", self.name, step, shown)

@@ -137,10 +137,10 @@ def _run_stage_task(name: str, config: PipelineConfig, upstream: dict[str, Stage
             progress.finish()
         try:
             _report_stage(inner, result, tracking, already=tracker.logged)
+            tracker.close("FINISHED")
         except Exception as err:  # the stage's output is complete: tracking must not undo it
             logger.warning("%s: MLflow reporting failed (%s: %s); the output is complete",
                            name, type(err).__name__, err)
-        tracker.close("FINISHED")
     verb = "reused" if result.cached else f"done in {result.duration_s:.1f}s"
     logger.info("%s: %s %s", name, verb, _headline(result))
     if result.cached:

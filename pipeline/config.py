@@ -292,7 +292,7 @@ def _preset_dict(name: str) -> dict[str, Any]:
                           "pretrained": False, "iterations": 300, "batch_size": 8, "crop_size": 96,
                           "scale_range": [0.75, 1.25], "lr": 0.1, "warmup_iters": 20,
                           "head_lr_mult": 1.0, "checkpoint_every": 100, "amp": False,
-                          "num_workers": 1,
+                          "num_workers": 1, "class_balanced": True,
                           "model_options": {"sanet": {"backbone_options": {"width": 16}},
                                             "deeplab_largefov": {"channels": 128, "dilation": 4,
                                                                  "dropout_ratio": 0.0,

@@ -10,7 +10,9 @@ resumed, final outputs equal to the uninterrupted run); and that ``wsss down`` l
 process behind. All real stages run, on a 16-image synthetic set.
 """
 
+import contextlib
 import importlib.util
+import io
 import json
 import signal
 import subprocess
@@ -46,14 +48,13 @@ def tiny_config(base: Path, workdir: str, *extra: str):
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    """Services under a private home on free ports, deployments created; torn down with a
-    check that no process of theirs survives."""
-    from flows import cli, services
+    """Services under a private home on free ports; torn down with a check that no process
+    of theirs survives."""
+    from flows import services
 
     home = tmp_path_factory.mktemp("home")
     state = services.up(home, prefect_port=0, mlflow_port=0, say=lambda s: None)
     try:
-        cli.deploy(home)
         yield home, state
     finally:
         layout = services.Layout(home)
@@ -82,16 +83,27 @@ def _summary(config, run_id):
 
 @pytest.fixture(scope="module")
 def first_run(live, tmp_path_factory):
-    """``prefect deployment run wsss/demo --watch`` on the tiny config (uninterrupted)."""
-    from flows.cli import failure_message, submit
+    """``wsss demo`` (up: already running; prefect deploy --all; prefect deployment run
+    wsss/demo --watch; summary) on the tiny config, uninterrupted."""
+    from flows.cli import FLOW_RUN_ID, failure_message
+    from pipeline.cli import main
 
-    home, _ = live
+    home, state = live
     base = tmp_path_factory.mktemp("runs")
     config = tiny_config(base, "A")
+    sets = [a for o in [f"workdir={base / 'A'}", f"data.root={base / 'data'}", *TINY] for a in ("--set", o)]
+    out = io.StringIO()
     start = time.time()
-    code, run_id, output = submit(home, "demo", config, echo=False, timeout=500)
-    assert run_id, output[-3000:]
-    assert code == 0, failure_message(live[1], run_id)
+    with contextlib.redirect_stdout(out):
+        code = main(["demo", "--home", str(home), *sets])
+    text = out.getvalue()
+    match = FLOW_RUN_ID.search(text)
+    assert match, text[-3000:]
+    run_id = match.group(1)
+    assert code == 0, failure_message(state, run_id)
+    assert f"Prefect UI: {state['prefect'].url}/runs/flow-run/{run_id}" in text
+    assert f"MLflow UI:  {state['mlflow'].url}/#/experiments/" in text
+    assert "train_segmentor" in text.split("Prefect UI:")[0]  # the summary table
     return base, config, run_id, time.time() - start
 
 

@@ -194,3 +194,28 @@ def test_prefect_yaml_matches_presets():
     assert [d["name"] for d in spec["deployments"]] == ["voc", "coco", "demo"]
     assert all(d["work_pool"]["name"] == "wsss-process" for d in spec["deployments"])
     assert project_root() == root
+
+
+def test_concurrent_runs_same_config_compute_once_different_configs_apart(harness, fake_stages, tmp_path):
+    import threading
+
+    from flows.wsss import wsss
+
+    results = {}
+
+    def run(label, *overrides):
+        results[label] = wsss(config=_config(tmp_path, *overrides), stages=["refine_crf"])
+
+    threads = [threading.Thread(target=run, args=(label, *o)) for label, o in
+               [("a", ()), ("b", ()), ("c", ("crf.iterations=7",))]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # a and b share every key: each stage ran once, the other run waited and reused it
+    assert sorted(fake_stages) == sorted(["train_classifier", "generate_cams", "refine_crf", "refine_crf"])
+    assert {n: r["key"] for n, r in results["a"].items()} == {n: r["key"] for n, r in results["b"].items()}
+    assert sum(r["cached"] for r in (results["a"]["refine_crf"], results["b"]["refine_crf"])) == 1
+    # c differs in stage 3 only: its own directory
+    assert results["c"]["refine_crf"]["path"] != results["a"]["refine_crf"]["path"]
+    assert results["c"]["generate_cams"]["path"] == results["a"]["generate_cams"]["path"]

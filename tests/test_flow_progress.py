@@ -67,10 +67,16 @@ def test_stage_tracker_forwards_logs_and_reports(caplog):
         sanet.log_metrics({"loss": 0.5}, step=2)
         tracker.child("fcn").log_metrics({"loss": 0.7}, step=4)
         tracker.log_metrics({"final": 1.0})  # no step: no line, no progress
+        slow = StageTracker(MemoryTracker(), "train_classifier", logger, log_every_s=3600)
+        slow.log_metrics({"step/loss": 2.0}, step=20)
+        slow.log_metrics({"step/loss": 1.5}, step=21)    # thinned
+        slow.log_metrics({"epoch/loss": 1.7}, step=1)    # another group: shown
     assert inner.params == {"a": 1}
     assert inner.children["sanet"].history("loss") == [0.5]
     assert fake.updates == [25.0, 75.0]
     assert "train_segmentor/sanet step 2: loss=0.5" in caplog.text
+    assert "step/loss=2" in caplog.text and "step/loss=1.5" not in caplog.text
+    assert "train_classifier step 1: epoch/loss=1.7" in caplog.text
     assert tracker.child("sanet") is sanet
     tracker.close("FINISHED")
     assert inner.status == "FINISHED" and inner.children["fcn"].status == "FINISHED"

@@ -1,0 +1,203 @@
+"""Stage 2: MCIS maps from cached features, the stage end to end, resume, bad input."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.coattention import CoAttentionClassifier
+from pipeline.config import load_config
+from pipeline.maps_io import load_maps, map_path
+from pipeline.storage import StageResult
+from pipeline.tracking import MemoryTracker
+from stages import generate_cams, train_classifier
+from stages.generate_cams import BASE_VIEW, SELF_VIEWS, make_plan, mcis_maps, plain_cams, view_features
+from stages.train_classifier import CheckpointError
+
+
+def small_config(root: Path, *extra):
+    return load_config("demo", [
+        f"data.root={root}", "data.synthetic.num_train=16", "data.synthetic.num_val=4",
+        "data.synthetic.num_classes=3", "data.synthetic.image_size=48", "classifier.image_size=48",
+        "classifier.epochs=2", "classifier.batch_size=4", "classifier.feature_channels=16",
+        "classifier.backbone_options={width: 8}", "classifier.lr=0.01", "classifier.self_pairs=false",
+        "classifier.num_workers=0", "maps.workers=1", "maps.batch_size=4", "device=cpu", *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    out = tmp_path_factory.mktemp("classifier")
+    config = small_config(root)
+    result = train_classifier.run(config, {}, out, MemoryTracker())
+    return root, result
+
+
+# ------------------------------------------------------------------ the map rule
+def _reference_maps(model, x, partners, related, classes, size):
+    """Official rule recomputed naively: every pair through model.forward (backbone again)."""
+    def to_image(m, flip=False):
+        out = F.interpolate(m[None, None], size=size, mode="bicubic", align_corners=False)[0, 0]
+        return torch.flip(out, dims=[1]) if flip else out
+
+    def norm(m):
+        m = m.clamp(min=0)
+        return m / m.max().clamp(min=1e-5)
+
+    result = []
+    for c in classes:
+        cands = []
+        if related[c]:
+            logits = torch.stack([model(x, partners[r])["co_m"][0, c] for r in related[c]]).mean(0)
+            cands.append((to_image(logits), None))
+        flipped = torch.flip(x, dims=[3])
+        out = model(x, flipped)
+        cands.append((to_image(out["co_m"][0, c]), out["co_m"][0, c].mean()))
+        cands.append((to_image(out["co_n"][0, c], flip=True), out["co_n"][0, c].mean()))
+        for s in (0.75, 2.0):
+            h, w = x.shape[-2:]
+            xs = F.interpolate(x, size=(round(h * s), round(w * s)), mode="bilinear", align_corners=False)
+            co = model(x, xs)["co_m"][0, c]
+            cands.append((to_image(co), co.mean()))
+        total = sum(norm(m) for i, (m, s) in enumerate(cands) if i == 0 or torch.sigmoid(s) > 0.1)
+        result.append(total / len(cands))
+    return torch.stack(result).clamp(0, 1)
+
+
+def test_cached_feature_maps_equal_recomputed():
+    torch.manual_seed(0)
+    model = CoAttentionClassifier(3, backbone="tiny", feature_channels=16,
+                                  backbone_options={"width": 8}).eval()
+    x = torch.randn(1, 3, 40, 48)
+    partners_x = {"a": torch.randn(1, 3, 40, 48), "b": torch.randn(1, 3, 32, 32)}
+    related = {0: ["a", "b", "a"], 2: ["b"]}
+    with torch.no_grad():
+        cache = {name: model.features(p) for name, p in partners_x.items()}   # computed once each
+        feats = view_features(model, x, [BASE_VIEW, *SELF_VIEWS])
+        ours = mcis_maps(model, feats, [BASE_VIEW], [0, 2], related, cache, (50, 60), self_pairs=True)
+        ref = _reference_maps(model, x, partners_x, related, [0, 2], (50, 60))
+    assert ours.shape == (2, 50, 60)
+    assert torch.allclose(ours, ref, atol=1e-4)
+    assert ours.min() >= 0 and ours.max() <= 1
+
+
+def test_backbone_runs_once_per_view(monkeypatch):
+    model = CoAttentionClassifier(3, backbone="tiny", feature_channels=8,
+                                  backbone_options={"width": 4}).eval()
+    calls = []
+    original = model.backbone.forward
+    monkeypatch.setattr(model.backbone, "forward", lambda x: calls.append(x.shape) or original(x))
+    x = torch.randn(1, 3, 32, 32)
+    views = [(1.0, False), (1.0, True), (0.5, False)]
+    feats = view_features(model, x, list(dict.fromkeys(views + [BASE_VIEW, *SELF_VIEWS])))
+    cache = {"p": model.features(torch.randn(1, 3, 32, 32))}
+    calls.clear()
+    mcis_maps(model, feats, views, [1], {1: ["p", "p", "p"]}, cache, (32, 32), self_pairs=True)
+    plain_cams(model, feats, views, [1], (32, 32))
+    assert calls == []          # pairs and CAMs never run the backbone again
+
+
+def test_plain_cams_normalised_and_flip_consistent():
+    torch.manual_seed(0)
+    model = CoAttentionClassifier(2, backbone="tiny", feature_channels=8,
+                                  backbone_options={"width": 4}).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        feats = view_features(model, x, [(1.0, False), (1.0, True)])
+        cams = plain_cams(model, feats, [(1.0, False), (1.0, True)], [0, 1], (32, 32))
+        # a symmetric input gives a symmetric flip-averaged CAM
+        sym = torch.cat([x[..., :16], torch.flip(x[..., :16], dims=[3])], dim=3)
+        f_sym = view_features(model, sym, [(1.0, False), (1.0, True)])
+        c_sym = plain_cams(model, f_sym, [(1.0, False), (1.0, True)], [0], (32, 32))
+    assert cams.shape == (2, 32, 32)
+    assert torch.allclose(cams.flatten(1).amax(1), torch.ones(2), atol=1e-5) or cams.max() == 0
+    assert torch.allclose(c_sym, torch.flip(c_sym, dims=[2]), atol=1e-5)
+
+
+# ------------------------------------------------------------------ planning
+class LabelsOnly:
+    def __init__(self, labels):
+        self._labels = np.asarray(labels, np.float32)
+        self.ids = [f"im{i}" for i in range(len(self._labels))]
+
+    def __len__(self):
+        return len(self.ids)
+
+    def label_matrix(self):
+        return self._labels
+
+
+def test_plan_counts_unlabelled_short_and_lonely():
+    labels = [[1, 0, 0], [1, 1, 0], [0, 0, 0], [1, 0, 1], [1, 0, 0], [1, 0, 0]]
+    plan = make_plan(LabelsOnly(labels), k=3, seed=0)
+    assert plan.unlabelled == 1 and "im2" not in plan.classes
+    assert plan.classes["im1"] == [0, 1]
+    assert len(plan.related["im0"][0]) == 3 and "im0" not in plan.related["im0"][0]
+    assert all("im0" != r for r in plan.related["im0"][0])
+    # class 1 only in im1, class 2 only in im3: no other image of the class
+    assert plan.related["im1"][1] == [] and plan.related["im3"][2] == []
+    assert plan.lonely_classes == 2
+    plan = make_plan(LabelsOnly(labels), k=6, seed=0)     # class 0 has 4 others < 6
+    assert plan.short_classes == 5 and sorted(plan.related["im0"][0]) == ["im1", "im3", "im4", "im5"]
+    again = make_plan(LabelsOnly(labels), k=3, seed=0)
+    assert again.related == make_plan(LabelsOnly(labels), k=3, seed=0).related   # seeded
+
+
+# ------------------------------------------------------------------ the stage
+def test_stage_writes_maps_scores_and_resumes(trained, tmp_path):
+    root, classifier = trained
+    config = small_config(root, "maps.scales=[1.0, 0.5]", "maps.flip=true")
+    tracker = MemoryTracker()
+    result = generate_cams.run(config, {"train_classifier": classifier}, tmp_path, tracker)
+    from pipeline.data import build_dataset
+    dataset = build_dataset(config.data, "train")
+    for item in dataset.ids:
+        record = load_maps(map_path(tmp_path, item))
+        assert record.size == dataset.load_mask(item).shape
+        assert record.classes.tolist() == (np.flatnonzero(dataset.labels(item)) + 1).tolist()
+        for maps in (record.maps, record.cams):
+            assert maps.min() >= 0 and maps.max() <= 1
+    assert not (tmp_path / "_features").exists()
+    metrics = result.metrics
+    assert {"headline", "maps_miou", "cams_miou", "background_miou"} <= set(metrics)
+    assert "MCIS maps" in metrics["headline"] and (tmp_path / "map_eval.json").is_file()
+
+    # resume: a deleted map is recomputed identically, the others are skipped
+    victim = map_path(tmp_path, dataset.ids[3])
+    before = load_maps(victim)
+    victim.unlink()
+    again = generate_cams.run(config, {"train_classifier": classifier}, tmp_path, MemoryTracker())
+    assert again.metrics["resumed_skipped"] == len(dataset.ids) - 1
+    after = load_maps(victim)
+    # batch composition differs on the rerun (1 image vs 4): equal up to float16 rounding
+    assert np.allclose(before.maps, after.maps, atol=2e-3) and np.allclose(before.cams, after.cams, atol=2e-3)
+
+
+def test_two_worker_processes_give_the_same_maps(trained, tmp_path):
+    root, classifier = trained
+    one = small_config(root)
+    two = small_config(root, "maps.workers=2")
+    generate_cams.run(one, {"train_classifier": classifier}, tmp_path / "one", MemoryTracker())
+    generate_cams.run(two, {"train_classifier": classifier}, tmp_path / "two", MemoryTracker())
+    for path in sorted((tmp_path / "one").glob("*.npy")):
+        a, b = load_maps(path), load_maps(tmp_path / "two" / path.name)
+        assert np.allclose(a.maps, b.maps, atol=2e-3) and np.allclose(a.cams, b.cams, atol=2e-3)
+
+
+def test_bad_checkpoint_inputs(trained, tmp_path):
+    root, classifier = trained
+    upstream = {"train_classifier": classifier}
+    with pytest.raises(CheckpointError, match="checkpoint_epoch=7.*epochs \\[1, 2\\]"):
+        generate_cams.run(small_config(root, "maps.checkpoint_epoch=7"), upstream, tmp_path, MemoryTracker())
+    with pytest.raises(CheckpointError, match="backbone 'tiny'.*'resnet50' is expected"):
+        generate_cams.run(small_config(root, "classifier.backbone=resnet50"), upstream, tmp_path,
+                          MemoryTracker())
+    other = small_config(tmp_path / "data4", "data.synthetic.num_classes=4")
+    with pytest.raises(CheckpointError, match="3 classes.*4 foreground"):
+        generate_cams.run(other, upstream, tmp_path / "out", MemoryTracker())
+    assert not list((tmp_path / "out").glob("*.npy")) if (tmp_path / "out").exists() else True
+    with pytest.raises(CheckpointError, match="no classifier checkpoint"):
+        generate_cams.run(small_config(root), {"train_classifier": StageResult(
+            "train_classifier", "k", str(tmp_path / "empty"))}, tmp_path, MemoryTracker())
