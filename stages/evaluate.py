@@ -30,7 +30,6 @@ of recomputed, so an interrupted evaluation resumes.
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -326,4 +325,5 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
         tracker.log_artifact(out_dir / name)
     files = {"metrics": "metrics.json", "table_csv": "per_class_iou.csv", "table_md": "per_class_iou.md"}
     files.update({f"{n}_confusion": f"{n}/confusion_matrix.png" for n in models})
+    files.update({f"{n}_previews": f"{n}/previews" for n in models if ev.previews})
     return StageResult(stage=NAME, key="", path=str(out_dir), metrics=metrics, files=files)

@@ -44,7 +44,6 @@ when a model is finished; a finished model is skipped on rerun.
 import argparse
 import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
