@@ -224,6 +224,9 @@ class EvaluationConfig(StrictModel):
     """Stage 5: scoring maps, pseudo-masks and segmentors."""
 
     split: Optional[str] = Field(None, description="segmentor split (default: data.val_split)")
+    train_split: Optional[str] = Field(None, description=(
+        "split the maps and pseudo-masks are scored on (default: the maps' split); VOC: 'train' "
+        "(1,464 images with ground truth) while maps cover train_aug"))
     scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
     flip: bool = False
     mode: Literal["whole", "slide"] = "whole"
@@ -257,12 +260,12 @@ def _preset_dict(name: str) -> dict[str, Any]:
             "name": "voc",
             "data": {"dataset": "voc", "root": "data/VOCdevkit/VOC2012", "train_split": "train_aug",
                      "val_split": "val"},
-            "maps": {"split": "train", "scales": [1.0, 0.5, 1.5, 2.0], "flip": True, "workers": 2},
+            "maps": {"scales": [1.0, 0.5, 1.5, 2.0], "flip": True, "workers": 2},
             "crf": {"preset": "psa", "workers": 2},
             "segmentor": {"models": ["deeplab_largefov", "sanet", "ocrnet", "danet"],
                           "backbone": "resnet101", "iterations": 20000, "batch_size": 16,
                           "crop_size": 512},
-            "evaluation": {"scales": [0.5, 0.75, 1.0, 1.25, 1.5], "flip": True},
+            "evaluation": {"train_split": "train", "scales": [0.5, 0.75, 1.0, 1.25, 1.5], "flip": True},
         }
     if name == "coco":
         return {

@@ -246,12 +246,17 @@ def evaluate_segmentor(model_path: Path, dataset, cfg: EvaluationConfig, out_dir
 
 
 # --------------------------------------------------------------------------- the stage
+def scored_train_split(config: PipelineConfig) -> str:
+    """Split the maps and pseudo-masks are scored on (a subset of the split they cover)."""
+    return config.evaluation.train_split or config.maps.split or config.data.train_split
+
+
 def conventions(config: PipelineConfig, split: str) -> dict[str, Any]:
     ev = config.evaluation
     return {
         "segmentor_split": split,
-        "maps_split": config.maps.split or config.data.train_split,
-        "pseudo_mask_split": config.maps.split or config.data.train_split,
+        "maps_split": scored_train_split(config),
+        "pseudo_mask_split": scored_train_split(config),
         "maps_background": ("fixed threshold %.2f" % ev.map_threshold if ev.map_threshold is not None
                             else "best of a threshold sweep"),
         "ground_truth_255": "ignored (pixels left out of every confusion matrix)",
@@ -292,7 +297,7 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
                              f"classes but the configured dataset has {dataset.num_classes}")
 
     scores: dict[str, dict[str, Any]] = {}
-    map_split = config.maps.split or config.data.train_split
+    map_split = scored_train_split(config)
     map_dataset = build_dataset(config.data, map_split)
     thresholds = [ev.map_threshold] if ev.map_threshold is not None else config.maps.background_thresholds
     maps = evaluate_maps(Path(upstream["generate_cams"].path), map_dataset, thresholds, missing="skip")
