@@ -258,6 +258,7 @@ def _preset_dict(name: str) -> dict[str, Any]:
     if name == "voc":
         return {
             "name": "voc",
+            "workdir": "work/voc",
             "data": {"dataset": "voc", "root": "data/VOCdevkit/VOC2012", "train_split": "train_aug",
                      "val_split": "val"},
             "maps": {"scales": [1.0, 0.5, 1.5, 2.0], "flip": True, "workers": 2},
@@ -270,6 +271,7 @@ def _preset_dict(name: str) -> dict[str, Any]:
     if name == "coco":
         return {
             "name": "coco",
+            "workdir": "work/coco",
             "data": {"dataset": "coco", "root": "data/coco", "train_split": "train", "val_split": "val",
                      "coco_year": 2014, "coco_classes": "all"},
             "maps": {"split": "train", "scales": [1.0, 0.5, 1.5, 2.0], "flip": True, "workers": 2},
