@@ -23,6 +23,8 @@ from pipeline.tracking import MemoryTracker
 from stages import evaluate as ev
 from stages import train_segmentor as ts
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class Pointwise(Segmentor):
     """A 1x1-conv segmentor: equivariant to flips and (on constant regions) to rescaling."""
@@ -282,11 +284,3 @@ def test_two_segmentors_trained_on_masks_beat_chance(tmp_path):
     assert "| background |" in table and "sanet" in table and "pseudo_masks" in table
     assert "sanet" in m["headline"] and "pseudo-masks 100.0" in m["headline"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU this is many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -22,6 +22,8 @@ from models.segmentors.isnet import class_representations
 from models.segmentors.setr import convert_mmseg_setr
 from models.segmentors.vit import ViTEncoder, convert_mmseg_vit, interpolate_pos_embed
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NAMES = ("setr_naive", "setr_pup", "setr_mla", "ccnet", "ann", "dnlnet", "isanet", "isnet",
          "fcn_hrnet", "ocrnet_hrnet")
 
@@ -55,14 +57,6 @@ OUTPUTS = {
     "ocrnet_hrnet": {"out": (4, 1.0), "aux": (4, 0.4)},
 }
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def ce(logits, target):

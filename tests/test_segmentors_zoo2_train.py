@@ -20,6 +20,8 @@ from pipeline.data.transforms import normalize
 from pipeline.metrics import ConfusionMatrix
 from stages import train_segmentor as ts
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RUNS = {
     # model: (builder options, lr, iterations)
     # the per-model backbone overrides segmentor.backbone (resnet101 in these configs)
@@ -28,14 +30,6 @@ RUNS = {
               0.1, 80),
 }
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread avoids oversubscription (10x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ from pipeline.storage import StageResult
 from pipeline.tracking import MemoryTracker
 from stages import train_segmentor as ts
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY_FCN = {"fcn": {"channels": 16, "aux_channels": 8, "backbone_options": {"width": 8}}}
 
 
@@ -276,11 +278,3 @@ def test_parallel_processes_match_in_process(base, tmp_path):
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5) for k in wa)
     assert len(tracker.children["fcn"].history("loss")) == 2
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU this is many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
