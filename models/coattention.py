@@ -28,10 +28,15 @@ For an image pair (I_m, I_n) with multi-hot labels l_m, l_n over K foreground cl
 
 Self-pairs (official): I_m is also paired with flip(I_m), a 0.75x and a 2x copy; for those
 only ``L_basic`` of the copy and ``L_co-att`` of both sides with l_m are used (the
-contrastive targets l_m \\ l_m are empty). No scaling of ``P`` (as in the code).
+contrastive targets l_m \\ l_m are empty). No scaling of ``P`` (as in the code) by default;
+``scale_affinity=True`` (config ``classifier.scale_affinity``, a deviation) uses
+``P / sqrt(C)`` as in scaled dot-product attention: the unscaled P of a from-scratch network
+has a spread of tens, so both softmaxes are near one-hot from the first steps.
 
 Initialisation: new layers He-normal (fan-in), zero biases. Learning-rate groups (official):
-backbone weights 1x, backbone biases 2x, new weights 10x, new biases 20x.
+backbone weights 1x, backbone biases 2x, new weights 10x, new biases 20x (the new-layer
+factor is configurable, ``classifier.new_layer_lr_mult``; the demo's from-scratch tiny
+backbone uses 1x).
 """
 
 from typing import Mapping
@@ -48,12 +53,13 @@ class CoAttentionClassifier(nn.Module):
 
     def __init__(self, num_classes: int, backbone: str = "vgg16", pretrained: bool = False,
                  feature_channels: int = 512, extra_convs: int = 3,
-                 backbone_options: Mapping | None = None):
+                 backbone_options: Mapping | None = None, scale_affinity: bool = False):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
         self.backbone_name = backbone
+        self.scale_affinity = bool(scale_affinity)
         self.backbone = build_backbone(backbone, pretrained=pretrained, **dict(backbone_options or {}))
         layers: list[nn.Module] = []
         cin = self.backbone.out_channels
@@ -97,6 +103,8 @@ class CoAttentionClassifier(nn.Module):
         fm = f_m.flatten(2)                                   # (N, C, HW_m)
         fn = f_n.flatten(2)                                   # (N, C, HW_n)
         p = torch.bmm(self.w_p(fm.transpose(1, 2)), fn)       # (N, HW_m, HW_n): (W_P f_m,i) . f_n,j
+        if self.scale_affinity:
+            p = p / c ** 0.5                                  # deviation: P / sqrt(C)
         a_n = torch.softmax(p, dim=1)                         # over image m's positions
         a_m = torch.softmax(p.transpose(1, 2), dim=1)         # over image n's positions
         co_n = torch.bmm(fm, a_n).view(n, c, hn, wn)          # F_n^{m∩n} = F_m A_n
@@ -138,8 +146,12 @@ class CoAttentionClassifier(nn.Module):
         return out
 
     # ------------------------------------------------------------------ optimisation
-    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
-        """Official multipliers: backbone w 1x / b 2x, new layers w 10x / b 20x."""
+    def param_groups(self, lr: float, weight_decay: float, new_mult: float = 10.0) -> list[dict]:
+        """Official multipliers: backbone w 1x / b 2x, new layers w ``new_mult`` (official 10x)
+        / b ``2 new_mult`` (20x). A from-scratch backbone (demo) has no pretrained part to
+        protect, so the demo preset uses ``new_mult = 1`` (then biases 2x everywhere)."""
+        if new_mult <= 0:
+            raise ValueError(f"new_mult must be > 0, got {new_mult}")
         new_ids = {id(p) for m in self.new_modules() for p in m.parameters()}
         groups: dict[str, list] = {"bb_w": [], "bb_b": [], "new_w": [], "new_b": []}
         for name, param in self.named_parameters():
@@ -147,7 +159,7 @@ class CoAttentionClassifier(nn.Module):
                 continue
             kind = "new" if id(param) in new_ids else "bb"
             groups[f"{kind}_{'b' if name.endswith('bias') else 'w'}"].append(param)
-        mult = {"bb_w": 1.0, "bb_b": 2.0, "new_w": 10.0, "new_b": 20.0}
+        mult = {"bb_w": 1.0, "bb_b": 2.0, "new_w": new_mult, "new_b": 2.0 * new_mult}
         return [{"params": params, "lr": lr * mult[key], "weight_decay": weight_decay, "name": key}
                 for key, params in groups.items() if params]
 

@@ -116,3 +116,38 @@ def test_param_groups_official_multipliers(model):
 def test_bad_class_count():
     with pytest.raises(ValueError, match="num_classes"):
         CoAttentionClassifier(0, backbone="tiny")
+
+
+def test_param_groups_new_layer_multiplier(model):
+    groups = {g["name"]: g for g in model.param_groups(1e-3, 1e-4, new_mult=1.0)}
+    assert groups["new_w"]["lr"] == pytest.approx(1e-3) and groups["new_b"]["lr"] == pytest.approx(2e-3)
+    assert groups["bb_w"]["lr"] == pytest.approx(1e-3) and groups["new_w"]["weight_decay"] == 1e-4
+    with pytest.raises(ValueError, match="new_mult"):
+        model.param_groups(1e-3, 1e-4, new_mult=0.0)
+
+
+def test_scaled_affinity_is_p_over_sqrt_c(model):
+    scaled = CoAttentionClassifier(K, backbone="tiny", feature_channels=16,
+                                   backbone_options={"width": 8}, scale_affinity=True)
+    scaled.load_state_dict(model.state_dict())
+    torch.manual_seed(2)
+    f_m, f_n = torch.randn(1, 16, 2, 3), torch.randn(1, 16, 3, 1)
+    p = model.w_p(f_m.flatten(2).transpose(1, 2)) @ f_n.flatten(2)          # (1, 6, 3)
+    _, _, a_m, a_n = scaled.co_attention(f_m, f_n)
+    assert torch.allclose(a_n, torch.softmax(p / 4.0, dim=1), atol=1e-6)     # sqrt(16) = 4
+    assert torch.allclose(a_m, torch.softmax(p.transpose(1, 2) / 4.0, dim=1), atol=1e-6)
+    _, _, _, a_n_official = model.co_attention(f_m, f_n)
+    assert torch.allclose(a_n_official, torch.softmax(p, dim=1), atol=1e-6)
+
+
+def test_tiny_backbone_dilations():
+    from models.backbones import BackboneError, build_backbone
+    net = build_backbone("tiny", width=8, dilations=[1, 1])
+    dil = [m.dilation for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert dil[-4:] == [(1, 1)] * 4
+    default = [m.dilation for m in build_backbone("tiny", width=8).modules()
+               if isinstance(m, torch.nn.Conv2d)]
+    assert default[-4:] == [(2, 2), (2, 2), (4, 4), (4, 4)]
+    assert net(torch.randn(1, 3, 32, 32))[-1].shape == (1, 32, 4, 4)
+    with pytest.raises(BackboneError, match="dilations"):
+        build_backbone("tiny", width=8, dilations=[0, 1])

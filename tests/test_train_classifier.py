@@ -21,6 +21,8 @@ def small_config(root: Path, **classifier):
                  "classifier.image_size=48", "classifier.epochs=2", "classifier.batch_size=4",
                  "classifier.feature_channels=16", "classifier.backbone_options={width: 8}",
                  "classifier.lr=0.01", "classifier.lr_steps=[1]", "classifier.contrastive_from_epoch=1",
+                 "classifier.optimizer=sgd", "classifier.new_layer_lr_mult=10",
+                 "classifier.weight_decay=5e-4",
                  "classifier.log_every=1", "classifier.num_workers=0", "device=cpu"]
     overrides += [f"classifier.{k}={v}" for k, v in classifier.items()]
     return load_config("demo", overrides)
@@ -59,6 +61,22 @@ def test_loss_decreases(data_root, tmp_path):
     train_classifier.run(config, {}, tmp_path, tracker)
     losses = tracker.history("epoch/loss")
     assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_adamw_new_layer_mult_and_scaled_affinity_round_trip(data_root, tmp_path):
+    config = small_config(data_root, epochs=1, optimizer="adamw", lr=0.002, new_layer_lr_mult=1,
+                          scale_affinity="true", weight_decay=1e-4)
+    model = train_classifier.CoAttentionClassifier(3, backbone="tiny", feature_channels=16,
+                                                   backbone_options={"width": 8})
+    optimizer = train_classifier.build_optimizer(model, config.classifier)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs["new_w"] == pytest.approx(0.002) and lrs["new_b"] == pytest.approx(0.004)
+    assert isinstance(train_classifier.build_optimizer(
+        model, small_config(data_root).classifier), torch.optim.SGD)
+    train_classifier.run(config, {}, tmp_path, MemoryTracker())
+    loaded, meta = load_classifier(checkpoint_path(tmp_path, 1), backbone="tiny", num_classes=3)
+    assert meta["scale_affinity"] is True and loaded.scale_affinity
 
 
 class KilledAfterEpoch(MemoryTracker):
