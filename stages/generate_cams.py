@@ -355,7 +355,7 @@ def _run_sharded(fn, job: Job, shards: list[tuple]) -> list[int]:
 def select_checkpoint(classifier_dir: Path, epoch: int | None) -> Path:
     found = list_checkpoints(classifier_dir)
     if not found:
-        raise CheckpointError(f"no classifier checkpoint (checkpoints/epoch_XXX.pt) in {classifier_dir}")
+        raise CheckpointError(f"no classifier checkpoint (checkpoints/epoch_NNN.pt) in {classifier_dir}")
     if epoch is None:
         return found[max(found)]
     if epoch not in found:

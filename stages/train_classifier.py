@@ -16,7 +16,7 @@ with ``w_con = 1`` from ``contrastive_from_epoch`` on and only when some image o
 has a label its partner lacks (else 0: the term is still computed so every parameter gets a
 gradient, which DDP needs). Self-pairs are switchable (``self_pairs``).
 
-Files in ``out_dir``: ``checkpoints/epoch_XXX.pt`` (model weights + metadata, every epoch),
+Files in ``out_dir``: ``checkpoints/epoch_NNN.pt`` (model weights + metadata, every epoch),
 ``resume.pt`` (the latest epoch's full state: model, optimizer, scheduler, AMP scaler, RNG
 state) and ``history.json`` (epoch metrics). All are written atomically. A killed run
 restarts from ``resume.pt``; since every epoch reseeds its pair order and augmentations from
@@ -63,7 +63,7 @@ class CheckpointError(ValueError):
 
 # --------------------------------------------------------------------------- checkpoints
 def checkpoint_path(out_dir: Path, epoch: int) -> Path:
-    """``<out_dir>/checkpoints/epoch_XXX.pt`` for a 1-based epoch number."""
+    """``<out_dir>/checkpoints/epoch_NNN.pt`` for a 1-based epoch number."""
     return Path(out_dir) / CHECKPOINT_DIR / f"epoch_{epoch:03d}.pt"
 
 
@@ -111,7 +111,7 @@ def check_meta(meta: Mapping[str, Any], path: Path, backbone: str | None = None,
 
 def load_classifier(path: Path, backbone: str | None = None, num_classes: int | None = None,
                     map_location: str | torch.device = "cpu") -> tuple[CoAttentionClassifier, dict]:
-    """Model and metadata from an ``epoch_XXX.pt`` (or ``resume.pt``) file, checked against
+    """Model and metadata from an ``epoch_NNN.pt`` (or ``resume.pt``) file, checked against
     the expected backbone / class count; tensors that do not fit raise naming them."""
     try:
         state = runtime.load_checkpoint(path, map_location=map_location)
