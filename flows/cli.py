@@ -33,11 +33,10 @@ def _home(args) -> Path:
 def _print_rows(rows: list[dict]) -> None:
     if not rows:
         return
+    from pipeline.cli_run import format_table
+
     keys = list(rows[0])
-    table = [keys] + [[str(r[k]) for k in keys] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(keys))]
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print(format_table([keys] + [[str(r[k]) for k in keys] for r in rows]))
 
 
 # ---------------------------------------------------------------------- services

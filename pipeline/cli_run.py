@@ -6,6 +6,12 @@ import time
 from pipeline.cli import add_config_arguments, config_from_args
 
 
+def format_table(rows: list[list[str]]) -> str:
+    """Rows of strings as left-aligned columns (the first row is the header)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
 def format_summary(results) -> str:
     """A table: stage, key, cached?, duration, headline metric."""
     rows = [("stage", "key", "cached", "seconds", "headline")]
@@ -15,8 +21,7 @@ def format_summary(results) -> str:
             numeric = [(k, v) for k, v in r.metrics.items() if isinstance(v, (int, float))]
             headline = f"{numeric[0][0]}={numeric[0][1]:.4g}" if numeric else ""
         rows.append((r.stage, r.key, "yes" if r.cached else "no", f"{r.duration_s:.1f}", str(headline)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+    return format_table(rows)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
