@@ -44,6 +44,9 @@ class SyntheticConfig(StrictModel):
     image_size: int = Field(96, ge=32, le=1024, description="square image side in pixels")
     min_objects: int = Field(1, ge=1)
     max_objects: int = Field(3, ge=1)
+    class_colours: bool = Field(False, description=(
+        "colour cue: each class paints with its own hue, the background is greyish (see "
+        "pipeline.data.synthetic); makes the classes learnable from scratch in minutes"))
     seed: int = 0
 
     @model_validator(mode="after")
@@ -194,6 +197,9 @@ class SegmentorConfig(StrictModel):
     crop_size: int = Field(512, ge=16)
     scale_range: tuple[float, float] = (0.5, 2.0)
     lr: float = Field(0.01, gt=0)
+    optimizer: Literal["sgd", "adamw"] = Field(
+        "sgd", description="sgd: SGD with momentum (the R-D8 recipes); adamw: AdamW, betas (0.9, 0.999), "
+                           "eps 1e-8, decoupled weight_decay (SegFormer / mmseg ViT-UperNet: 0.01)")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     poly_power: float = Field(0.9, gt=0)

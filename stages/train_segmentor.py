@@ -8,8 +8,9 @@ processes.
 
 Recipe (mmsegmentation's R-D8 VOC12aug recipe unless said otherwise):
 
-* SGD, momentum 0.9, weight decay on every parameter; two parameter groups, the backbone at
-  ``lr`` and the rest (the heads) at ``lr * head_lr_mult``.
+* SGD, momentum 0.9, weight decay on every parameter (``optimizer="adamw"``: AdamW, the
+  transformer segmentors' optimizer, see :func:`build_optimizer`); two parameter groups, the
+  backbone at ``lr`` and the rest (the heads) at ``lr * head_lr_mult``.
 * Learning rate at iteration ``t`` of ``T`` (poly with floor, linear warm-up)::
 
       poly(t)  = (1 - m) * (1 - t / T) ** power + m,        m = min_lr / lr
@@ -168,13 +169,32 @@ def lr_factor(it: int, cfg: SegmentorConfig) -> float:
     return poly
 
 
+#: AdamW's fixed moment coefficients and epsilon (torch's / mmseg's transformer-recipe values)
+ADAMW_BETAS = (0.9, 0.999)
+ADAMW_EPS = 1e-8
+
+
 def build_optimizer(model: nn.Module, cfg: SegmentorConfig):
-    """SGD with backbone / head parameter groups and the poly+warm-up LambdaLR."""
+    """Backbone / head parameter groups (head at ``lr * head_lr_mult``), the optimizer chosen
+    by ``cfg.optimizer`` and the poly+warm-up LambdaLR (the same schedule for both).
+
+    * ``sgd``: SGD with ``momentum``, L2 weight decay ``weight_decay`` (mmseg's R-D8 recipes).
+    * ``adamw``: AdamW (Loshchilov & Hutter 2019) with betas ``ADAMW_BETAS``, eps ``ADAMW_EPS``
+      and decoupled weight decay ``θ ← θ - lr·weight_decay·θ`` on every parameter, the
+      optimizer of transformer recipes such as SegFormer's and mmseg's ViT-UperNet configs
+      (lr 6e-5, weight_decay 0.01); ``momentum`` is unused. SETR's own configs use SGD.
+    """
     backbone = [p for p in model.backbone_parameters() if p.requires_grad]
     head = [p for p in model.head_parameters() if p.requires_grad]
     groups = [g for g in ({"params": backbone, "lr": cfg.lr, "name": "backbone"},
                           {"params": head, "lr": cfg.lr * cfg.head_lr_mult, "name": "head"}) if g["params"]]
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS,
+                                      weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"segmentor.optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
     return optimizer, scheduler
 

@@ -1,11 +1,23 @@
-"""A short training of SETR and CCNet through stage 4 beats chance on the synthetic dataset.
+"""A short training of SETR-B and CCNet through stage 4 beats chance on the synthetic dataset.
 
-Tiny variants (CPU, seconds): SETR-Naive on the 8-layer, 64-wide ``vit_tiny`` (16x16 patches,
-as SETR-B but narrower and shallower) and CCNet on the ``tiny`` CNN backbone, chosen through
-``segmentor.model_options[<model>]["backbone"]`` (overriding ``segmentor.backbone``), trained by
-``stages.train_segmentor.train_model`` on the ground-truth masks of 32 synthetic 64-px
-images (2 object classes), scored on the 16 validation images. "Chance" is the best
-constant prediction, all background (the majority class): its mIoU is IoU_bg / 3.
+SETR-B: SETR-Naive on the real ViT-B/16 encoder (``vit_base``: 12 layers, D 768, 12 heads, MLP
+3072, 16x16 patches, 86 M parameters, random init: no weights offline), SETR's 3 auxiliary
+heads, a 32-channel head (the paper: 256). CCNet on the ``tiny`` CNN backbone. The backbones
+are chosen through ``segmentor.model_options[<model>]["backbone"]`` (overriding
+``segmentor.backbone``); both are trained by ``stages.train_segmentor.train_model`` on the
+ground-truth masks of 32 synthetic 64-px images (2 object classes), scored on the 16
+validation images. "Chance" is the best constant prediction, all background (the majority
+class): its mIoU is IoU_bg / 3.
+
+SETR-B recipe, measured on 1 CPU thread (64-px crops = a 4x4 token grid + class token:
+about 1.45 GMACs per image for the encoder's forward; about 1.1 s per iteration of 8 crops):
+SGD (SETR's own optimizer in mmseg's configs), lr 0.05, poly, class-balanced CE, 100
+iterations (about 110 s). Validation mIoU 0.357 (config seed 0, this test) and 0.388 (seed 1)
+vs chance 0.272, weakest object-class IoU 0.083 / 0.085; 80 iterations gave 0.370 / 0.369 but
+an IoU of only 0.06 for the checkered triangles with seed 1. AdamW
+(``segmentor.optimizer="adamw"``, weight decay 0.01) was not better within this budget: lr 1e-4,
+head x10, 10 warm-up iterations gave 0.336 after 80 iterations (each about 0.3 s slower), lr
+5e-4 with head x10 ended below chance (0.221 after 40 iterations).
 """
 
 import shutil
@@ -25,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 RUNS = {
     # model: (builder options, lr, iterations)
     # the per-model backbone overrides segmentor.backbone (resnet101 in these configs)
-    "setr_naive": ({"backbone": "vit_tiny", "channels": 32, "img_size": 64}, 0.05, 80),
+    "setr_naive": ({"backbone": "vit_base", "channels": 32, "img_size": 64}, 0.05, 100),
     "ccnet": ({"backbone": "tiny", "channels": 16, "aux_channels": 8, "backbone_options": {"width": 8}},
               0.1, 80),
 }
@@ -69,7 +81,8 @@ def _score(model, dataset):
     return trained, constant
 
 
-@pytest.mark.parametrize("name", sorted(RUNS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "setr_naive" else n
+                                  for n in sorted(RUNS)])  # SETR-B: about 2 min on 1 thread
 def test_short_training_beats_chance(data, name):
     root, base, data_cfg, masks = data
     config = _config(base, data_cfg, root, name)

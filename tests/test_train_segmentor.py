@@ -278,3 +278,67 @@ def test_parallel_processes_match_in_process(base, tmp_path):
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5) for k in wa)
     assert len(tracker.children["fcn"].history("loss")) == 2
 
+
+
+# --------------------------------------------------------------------------- optimizer choice
+def test_optimizer_default_sgd_and_bad_name_rejected(base):
+    _, config, _, _ = base
+    assert config.segmentor.optimizer == "sgd"
+    with pytest.raises(ValueError, match="optimizer"):
+        config.segmentor.model_validate({**config.segmentor.model_dump(), "optimizer": "adam"})
+
+
+def test_optimizer_adamw_groups_and_decoupled_decay(base):
+    """AdamW keeps the backbone/head groups and the head multiplier; with zero gradients one
+    step is pure decoupled decay, ``θ' = θ (1 - lr_g · wd)`` (Adam + L2 would move each
+    weight by about ``lr_g`` instead)."""
+    _, config, _, _ = base
+    from models.segmentors import build_segmentor
+    model = build_segmentor("fcn", 6, backbone="tiny", **TINY_FCN["fcn"])
+    cfg = config.segmentor.model_copy(update={"optimizer": "adamw", "head_lr_mult": 10.0, "lr": 1e-3,
+                                              "weight_decay": 0.05, "warmup_iters": 0})
+    optimizer, scheduler = ts.build_optimizer(model, cfg)
+    assert type(optimizer) is torch.optim.AdamW
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert groups["backbone"]["lr"] == pytest.approx(1e-3) and groups["head"]["lr"] == pytest.approx(1e-2)
+    for g in groups.values():
+        assert g["betas"] == ts.ADAMW_BETAS and g["eps"] == ts.ADAMW_EPS and g["weight_decay"] == 0.05
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    scheduler.step()
+    for name, lr in (("backbone", 1e-3), ("head", 1e-2)):
+        for p in groups[name]["params"]:
+            torch.testing.assert_close(p.detach(), before[id(p)] * (1 - lr * 0.05))
+    # the poly schedule is the same as SGD's
+    assert groups["backbone"]["lr"] == pytest.approx(1e-3 * ts.lr_factor(1, cfg))
+
+
+def test_resume_after_kill_equals_uninterrupted_adamw(base, tmp_path):
+    """The AdamW moments travel in the checkpoint: a killed and resumed run ends with the same
+    weights and optimizer state as an uninterrupted one."""
+    _, config, _, masks = base
+    config = config.model_copy(update={"segmentor": config.segmentor.model_copy(update={
+        "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01})})
+    straight = MemoryTracker()
+    ts.train_model(config, "fcn", masks, tmp_path / "a", straight)
+
+    def kill_at_4(it):
+        if it == 4:
+            raise Killed()
+    with pytest.raises(Killed):
+        ts.train_model(config, "fcn", masks, tmp_path / "b", MemoryTracker(), on_iteration=kill_at_4)
+    resumed = MemoryTracker()
+    assert ts.train_model(config, "fcn", masks, tmp_path / "b", resumed)["resumed_from"] == 3
+    assert resumed.history("loss") == pytest.approx(straight.history("loss")[3:], abs=0)
+    wa, wb = _weights(tmp_path / "a" / ts.MODEL_FILE), _weights(tmp_path / "b" / ts.MODEL_FILE)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    oa = load_checkpoint(tmp_path / "a" / ts.CHECKPOINT)["optimizer"]
+    ob = load_checkpoint(tmp_path / "b" / ts.CHECKPOINT)["optimizer"]
+    assert oa["state"].keys() == ob["state"].keys() and len(oa["state"]) > 0
+    for k in oa["state"]:
+        assert set(oa["state"][k]) >= {"exp_avg", "exp_avg_sq"}
+        assert all(torch.equal(torch.as_tensor(oa["state"][k][n]), torch.as_tensor(ob["state"][k][n]))
+                   for n in oa["state"][k])
