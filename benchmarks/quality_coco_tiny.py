@@ -26,10 +26,32 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import load_config  # noqa: E402
+from pipeline.data import build_dataset  # noqa: E402
+from pipeline.map_eval import map_diagnostics  # noqa: E402
 from pipeline.tracking import MemoryTracker  # noqa: E402
 from stages import generate_cams, train_classifier  # noqa: E402
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "coco-tiny"
+
+
+def build_config(root: Path, workdir: Path, epochs: int = 6, image_size: int = 160,
+                 feature_channels: int = 256, train_self_pairs: bool = False, overrides=()):
+    """The benchmark's pipeline config: the demo preset with every classifier field of the
+    official recipe set explicitly (the demo's AdamW / 1x new-layer lr must not leak in)."""
+    return load_config("demo", [
+        f"workdir={workdir}", "data.dataset=coco", f"data.root={root}", "data.coco_year=2017",
+        "data.coco_classes=voc", "data.train_split=train", "data.val_split=val",
+        "classifier.backbone=efficientnet_lite0", "classifier.backbone_options={}",
+        "classifier.pretrained=true", f"classifier.feature_channels={feature_channels}",
+        "classifier.freeze_bn=true", f"classifier.epochs={epochs}", "classifier.batch_size=5",
+        "classifier.optimizer=sgd", "classifier.lr=0.001", "classifier.new_layer_lr_mult=10",
+        "classifier.weight_decay=0.0005", "classifier.colour_jitter=[0.3, 0.3, 0.3, 0.1]",
+        "classifier.lr_steps=[4]", f"classifier.image_size={image_size}",
+        "classifier.contrastive_from_epoch=2", f"classifier.self_pairs={str(train_self_pairs).lower()}",
+        "classifier.num_workers=0", "classifier.log_every=5",
+        "maps.split=val", "maps.num_related=3", "maps.self_pairs=true", "maps.checkpoint_epoch=null",
+        f"maps.image_size={image_size}", "maps.workers=1", "maps.batch_size=8",
+        *overrides])
 
 
 def main(argv=None):
@@ -47,18 +69,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="wsss-coco-tiny-"))
-    config = load_config("demo", [
-        f"workdir={workdir}", "data.dataset=coco", f"data.root={args.root}", "data.coco_year=2017",
-        "data.coco_classes=voc", "data.train_split=train", "data.val_split=val",
-        "classifier.backbone=efficientnet_lite0", "classifier.backbone_options={}",
-        "classifier.pretrained=true", f"classifier.feature_channels={args.feature_channels}",
-        "classifier.freeze_bn=true", f"classifier.epochs={args.epochs}", "classifier.batch_size=5",
-        "classifier.lr=0.001", "classifier.lr_steps=[4]", f"classifier.image_size={args.image_size}",
-        "classifier.contrastive_from_epoch=2", f"classifier.self_pairs={str(args.train_self_pairs).lower()}",
-        "classifier.num_workers=0", "classifier.log_every=5",
-        "maps.split=val", "maps.num_related=3", "maps.self_pairs=true", "maps.checkpoint_epoch=null",
-        f"maps.image_size={args.image_size}", "maps.workers=1", "maps.batch_size=8",
-        *args.set])
+    config = build_config(args.root, workdir, args.epochs, args.image_size, args.feature_channels,
+                          args.train_self_pairs, args.set)
 
     start = time.time()
     tracker = MemoryTracker()
@@ -82,7 +94,38 @@ def main(argv=None):
     print(f"\nbest: plain CAM {100 * scores['cams']['best_miou']:.1f} mIoU (bg {scores['cams']['best_threshold']}), "
           f"MCIS maps {100 * scores['maps']['best_miou']:.1f} mIoU (bg {scores['maps']['best_threshold']}); "
           f"all-background {100 * scores['background_miou']:.1f}")
-    print(f"total {t_train + t_maps:.0f} s; outputs in {workdir}")
+    start = time.time()
+    dataset = build_dataset(config.data, config.maps.split)
+    diag = map_diagnostics(workdir / "generate_cams", dataset,
+                           {kind: scores[kind]["best_threshold"] for kind in ("cams", "maps")})
+    print_diagnostics(diag)
+    print(f"\ntotal {t_train + t_maps:.0f} s (+ {time.time() - start:.0f} s diagnostics); outputs in {workdir}")
+
+
+def _pct(value) -> str:
+    return "    -" if value is None else f"{100 * value:5.1f}"
+
+
+def print_diagnostics(diag: dict) -> None:
+    """Per-class table at each kind's best threshold, foreground precision / recall,
+    threshold-free separation (AUC, mean map value on / off the object) and empty maps."""
+    cams, maps = diag["cams"], diag["maps"]
+    print(f"\nper class at the best threshold (CAM bg {cams['threshold']:g}, MCIS bg {maps['threshold']:g}); "
+          "%; imgs = val images with the class in GT;\nprec/rec = of the pixels labelled c, the share "
+          "that is c / of the GT-c pixels, the share labelled c; AUC = object vs rest of the image")
+    print(f"{'class':14s} imgs |  CAM: IoU  prec   rec   AUC | MCIS: IoU  prec   rec   AUC")
+    for name in cams["per_class"]:
+        row = [cams["per_class"][name], maps["per_class"][name]]
+        images = diag["images"].get(name, diag["num_images"] if name == "background" else 0)
+        print(f"{name:14s} {images:4d} |     " + " |      ".join(
+            " ".join(_pct(r[key]) for key in ("iou", "precision", "recall", "auc")) for r in row))
+    print(f"{'foreground':14s}      |     {'':5s} " + " |      ".join(
+        f"{_pct(k['foreground_precision'])} {_pct(k['foreground_recall'])} {_pct(k['mean_auc'])}"
+        for k in (cams, maps)))
+    print(f"mean map value on the object / on the rest of the image: CAM {cams['inside']:.2f} / "
+          f"{cams['outside']:.2f}, MCIS {maps['inside']:.2f} / {maps['outside']:.2f}")
+    print(f"all-zero (image, class) maps: CAM {cams['empty_maps']}, MCIS {maps['empty_maps']} "
+          f"of {diag['num_maps']}")
 
 
 if __name__ == "__main__":

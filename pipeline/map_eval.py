@@ -10,12 +10,15 @@ confusion matrix per threshold is accumulated over the whole split (VOC protocol
 255, :class:`pipeline.metrics.ConfusionMatrix`); the curve is mIoU(t) and the best
 threshold its argmax. The MCIS maps and the plain CAMs of the same file are scored side by
 side, plus the all-background baseline (every pixel labelled 0) for reference.
+:func:`map_diagnostics` says where a kind wins or loses at a chosen threshold (per-class
+IoU / precision / recall, ROC AUC, mean map value on and off the object, empty maps).
 """
 
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+from scipy.stats import rankdata
 
 from pipeline.maps_io import MapFileError, load_maps, map_path
 from pipeline.metrics import ConfusionMatrix
@@ -105,4 +108,108 @@ def evaluate_maps(map_dir: Path, dataset, thresholds: Sequence[float],
         f"MCIS maps {100 * result['maps']['best_miou']:.1f} mIoU (bg {result['maps']['best_threshold']:g}) "
         f"vs plain CAM {100 * result['cams']['best_miou']:.1f} (bg {result['cams']['best_threshold']:g}); "
         f"all-background {100 * result['background_miou']:.1f}; {count} images")
+    return result
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` separating ``positive`` pixels from the others
+    (Mann-Whitney U / (n_pos n_neg), ties counted one half); NaN when either side is empty.
+    Threshold-free: 1 = every object pixel scores above every other pixel, 0.5 = no better
+    than a flat map."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    positive = np.asarray(positive, dtype=bool).reshape(-1)
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)                       # average ranks on ties
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def map_diagnostics(map_dir: Path, dataset, thresholds: dict[str, float],
+                    ids: Sequence[str] | None = None) -> dict:
+    """Where each kind of map wins or loses, at one background threshold per kind.
+
+    ``thresholds`` maps a kind (``"maps"``, ``"cams"``) to its threshold (e.g. the best of
+    :func:`evaluate_maps`' sweep). Per kind, from the confusion matrix ``M`` (rows = GT) of
+    :func:`label_map` over the split, for every class c present in the ground truth::
+
+        IoU_c       = M_cc / (sum_j M_cj + sum_i M_ic - M_cc)
+        precision_c = M_cc / sum_i M_ic     (of the pixels the maps label c, the share that is c)
+        recall_c    = M_cc / sum_j M_cj     (of the GT-c pixels, the share labelled c)
+
+    (``None`` when the denominator is 0), the same two for the foreground as a whole
+    (``sum_{c>0} M_cc`` over all pixels labelled / GT foreground), and threshold-free:
+
+    * ``auc_c``: mean over the images with c in their map file and GT of :func:`roc_auc` of
+      the class-c map separating GT-c pixels from the image's other labelled pixels;
+    * ``inside`` / ``outside``: mean map value on GT-c pixels / on the other labelled pixels,
+      over all (image, class) maps (a flat, leaking map has them close);
+    * ``empty_maps``: how many (image, class) maps are all zero, of ``num_maps``.
+
+    ``images_c`` counts the scored images whose GT holds class c. Returns a JSON-ready dict
+    ``{"num_images", "images": {name: n}, "maps": {...}, "cams": {...}}``.
+    """
+    unknown = set(thresholds) - set(KINDS)
+    if unknown or not thresholds:
+        raise ValueError(f"map_diagnostics: thresholds must be given for kinds among {KINDS}, got {sorted(thresholds)}")
+    _check_thresholds(thresholds.values())
+    map_dir = Path(map_dir)
+    k = dataset.num_classes
+    names = list(dataset.class_names)
+    matrices = {kind: ConfusionMatrix(k) for kind in thresholds}
+    aucs = {kind: [[] for _ in range(k)] for kind in thresholds}
+    sums = {kind: np.zeros(2) for kind in thresholds}          # sum of inside / outside means
+    empty = {kind: 0 for kind in thresholds}
+    image_counts = np.zeros(k, np.int64)
+    num_maps = pairs = count = 0
+    for item in (dataset.ids if ids is None else ids):
+        record = load_maps(map_path(map_dir, item))
+        mask = dataset.load_mask(item)
+        if record.size != mask.shape:
+            raise MapFileError(f"map file {map_path(map_dir, item)}: maps do not fit the mask of {item!r}")
+        present = np.unique(mask[mask != 255])
+        image_counts[present[(present > 0) & (present < k)]] += 1
+        valid = mask != 255
+        num_maps += len(record.classes)
+        for kind, t in thresholds.items():
+            maps = record.maps if kind == "maps" else record.cams
+            matrices[kind].update(label_map(record.classes, maps, t), mask)
+            empty[kind] += int((maps.max(axis=(1, 2), initial=0) <= 0).sum())
+        for idx, c in enumerate(record.classes.tolist()):
+            positive = mask[valid] == c
+            if not positive.any() or positive.all():
+                continue
+            pairs += 1
+            for kind in thresholds:
+                values = (record.maps if kind == "maps" else record.cams)[idx][valid]
+                aucs[kind][c].append(roc_auc(values, positive))
+                sums[kind] += (values[positive].mean(), values[~positive].mean())
+        count += 1
+    if count == 0:
+        raise MapFileError(f"no map files to score in {map_dir}")
+
+    def ratio(a, b):
+        return float(a) / float(b) if b > 0 else None
+
+    result: dict = {"num_images": count, "num_maps": num_maps,
+                    "images": {names[c]: int(image_counts[c]) for c in range(1, k) if image_counts[c]}}
+    for kind, t in thresholds.items():
+        m = matrices[kind].matrix.numpy().astype(np.float64)
+        tp, gt, pred = np.diag(m), m.sum(1), m.sum(0)
+        iou = matrices[kind].iou().tolist()
+        per_class = {}
+        for c in range(k):
+            if gt[c] == 0:
+                continue
+            per_class[names[c]] = {"iou": iou[c], "precision": ratio(tp[c], pred[c]), "recall": ratio(tp[c], gt[c]),
+                                   "auc": float(np.mean(aucs[kind][c])) if aucs[kind][c] else None}
+        all_aucs = [a for per in aucs[kind] for a in per]
+        result[kind] = {
+            "threshold": float(t), "miou": matrices[kind].miou(), "per_class": per_class,
+            "foreground_precision": ratio(tp[1:].sum(), pred[1:].sum()),
+            "foreground_recall": ratio(tp[1:].sum(), gt[1:].sum()),
+            "mean_auc": float(np.mean(all_aucs)) if all_aucs else None,
+            "inside": ratio(sums[kind][0], pairs), "outside": ratio(sums[kind][1], pairs),
+            "empty_maps": empty[kind]}
     return result

@@ -49,6 +49,9 @@ image cast to uint8 to the bilateral term — a quirk we do not copy: we use the
 ToCo ``utils/crf.py`` (ToCo applies it to segmentation softmax outputs; for maps we choose
 PSA's power background with alpha 1, as CLIP-ES).
 
+``crf.source=cams`` refines the plain CAMs stored in the same map files instead of the MCIS
+maps (the ablation of co-attention through the CRF and the segmentors).
+
 Reusable pieces: :func:`crf_posterior` (probabilities in, posterior out — stage 5 uses it to
 post-process segmentor predictions), :func:`refine_maps` (maps in, label map out),
 :func:`refine_images` (chunked multi-process or Dask execution over files).
@@ -109,6 +112,7 @@ class CRFParams:
     downscale: float = 1.0                # CRF image scale (position stds scaled alike)
     saliency_ignore: float = 32 / 255     # saliency mode: salient background -> 255
     min_foreground: float = 0.01          # saliency mode: less foreground -> whole image 255
+    source: str = "maps"                  # which maps of stage 2's file: "maps" (MCIS) or "cams"
 
     @property
     def second_background(self) -> float | None:
@@ -386,7 +390,7 @@ def refine_file(item: WorkItem, params: CRFParams) -> dict[str, Any]:
                             f"{item.image} is {image.shape[1]}x{image.shape[0]} (WxH)")
     saliency = load_saliency(Path(item.saliency), image.shape[:2]) if item.saliency else None
     try:
-        label = refine_maps(image, maps.classes, maps.maps, params, saliency)
+        label = refine_maps(image, maps.classes, getattr(maps, params.source), params, saliency)
     except CRFInputError as err:
         raise CRFInputError(f"map file {item.maps}: {err}") from None
     save_label_png(Path(item.output), label)

@@ -1,8 +1,9 @@
 """Acceptance: a short demo-style training of the MCIS classifier on the synthetic dataset
 lowers the loss and gives localization maps (MCIS and plain CAM) well above the
-all-background baseline of the same images (stages 1 + 2 end to end on 64 images; ~55 s of
-CPU on one thread). Measured: basic loss 1.39 -> 0.53, plain CAM 19.4 / MCIS 15.3 mIoU vs
-13.3 all-background (the full demo, 160 images: CAM 25-26, MCIS 21-22 vs 13.6)."""
+all-background baseline of the same images (stages 1 + 2 end to end on 64 images of the demo
+data, class-colour cue on; ~50 s of CPU on one thread). Measured: plain CAM 47.4 mIoU (best
+background threshold 0.6) / MCIS 35.3 (0.75) vs 13.4 all-background (the full demo, 160
+images: CAM 48.6, MCIS 40.3 vs 13.7)."""
 
 import pytest
 import torch
@@ -26,5 +27,5 @@ def test_short_training_gives_maps_well_above_background(tmp_path):
     maps = generate_cams.run(config, {"train_classifier": classifier}, tmp_path / "maps", MemoryTracker())
     scores = maps.metrics
     baseline = scores["background_miou"]
-    assert scores["cams_miou"] > baseline + 0.04, scores
-    assert scores["maps_miou"] > baseline + 0.01, scores
+    assert scores["cams_miou"] > baseline + 0.20, scores
+    assert scores["maps_miou"] > baseline + 0.15, scores

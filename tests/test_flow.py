@@ -141,7 +141,7 @@ def test_flow_caching_pattern_and_mlflow_runs(harness, fake_stages, tmp_path):
     history = client.get_metric_history(grandchildren[0].info.run_id, "loss")
     assert [m.step for m in history] == [0, 1, 2]
     crf_child = next(r for r in children if r.info.run_name == "refine_crf")
-    assert crf_child.data.params["crf.preset"] == "psa"
+    assert crf_child.data.params["crf.preset"] == "irn"
     assert crf_child.data.metrics["value"] == 3.0
     assert {a.path for a in client.list_artifacts(crf_child.info.run_id)} >= {"manifest.json", "metrics.json"}
 

@@ -101,7 +101,7 @@ def test_real_store_layout(tmp_path, monkeypatch):
     assert experiment.artifact_location == (tmp_path / "artifacts" / "wsss-demo").resolve().as_uri()
     run = client.get_run(parent.run_id)
     assert run.data.tags["prefect.flow_run_id"] == "abc"
-    assert run.data.params["crf.preset"] == "psa"
+    assert run.data.params["crf.preset"] == "irn"
     assert [a.path for a in client.list_artifacts(parent.run_id)] == ["config.json"]
     child = client.get_run(results["child"])
     assert child.data.tags["mlflow.parentRunId"] == parent.run_id

@@ -94,7 +94,8 @@ def test_fields_override_the_preset_one_by_one():
     params = resolve_params(CRFConfig(preset="irn", bilateral_srgb=7.0, iterations=3))
     assert (params.bilateral_srgb, params.iterations) == (7.0, 3)
     assert params.bilateral_sxy == 50 and params.bg_low_threshold == 0.05   # untouched
-    cfg = load_config("demo", ["crf.preset=clip_es", "crf.confidence=0.5"])
+    cfg = load_config("demo", ["crf.preset=clip_es", "crf.confidence=0.5", "crf.bg_threshold=null",
+                               "crf.bg_low_threshold=null"])
     assert resolve_params(cfg.crf).confidence == 0.5
 
 
@@ -401,3 +402,23 @@ def test_stage_converts_grey_images_and_refuses_unusable_modes_up_front(own_maps
         image.convert("RGB").save(bad_path, format="JPEG")
     result = refine_crf.run(_config(tmp_path, root), _upstream(directory), tmp_path / "b")
     assert result.metrics["refined"] == len(ids) and (tmp_path / "b" / f"{ids[5]}.png").is_file()
+
+
+def test_source_cams_refines_the_plain_cams_of_the_file(tmp_path):
+    """crf.source picks which maps of a stage-2 file are refined: an object present only in
+    the CAMs appears in the pseudo-mask with source=cams and not with source=maps."""
+    rng = np.random.default_rng(0)
+    image, truth, _ = _object_scene(rng)
+    image_path = tmp_path / "image.png"
+    Image.fromarray(image).save(image_path)
+    cam = truth.astype(np.float32)[None]
+    maps_file = map_path(tmp_path, "x")
+    save_maps(maps_file, [1], np.zeros_like(cam), cams=cam)
+    labels = {}
+    for source in ("maps", "cams"):
+        params = resolve_params(CRFConfig(preset="irn", source=source))
+        out = tmp_path / f"{source}.png"
+        refine_crf.refine_file(refine_crf.WorkItem("x", str(image_path), str(maps_file), str(out)), params)
+        labels[source] = read_label_png(out)
+    assert not np.any(labels["maps"] == 1)
+    assert np.mean(labels["cams"][truth] == 1) > 0.9

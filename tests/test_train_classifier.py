@@ -17,6 +17,7 @@ from stages.train_classifier import (CheckpointError, checkpoint_path, list_chec
 
 def small_config(root: Path, **classifier):
     overrides = [f"data.root={root}", "data.synthetic.num_train=16", "data.synthetic.num_val=4",
+                 "data.synthetic.class_colours=false",
                  "data.synthetic.num_classes=3", "data.synthetic.image_size=48",
                  "classifier.image_size=48", "classifier.epochs=2", "classifier.batch_size=4",
                  "classifier.feature_channels=16", "classifier.backbone_options={width: 8}",
