@@ -34,7 +34,7 @@ from pipeline.tracking import Tracker
 class Progress:
     """A Prefect progress artifact (percent), throttled; no-op outside a Prefect run."""
 
-    def __init__(self, key: str, description: str, min_interval_s: float = 1.0,
+    def __init__(self, key: str, description: str, min_interval_s: float = 5.0,
                  create: Callable | None = None, update: Callable | None = None):
         if create is None or update is None:
             from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -113,7 +113,7 @@ class StageTracker(Tracker):
 
     def __init__(self, inner: Tracker, name: str, logger: logging.Logger | logging.LoggerAdapter,
                  progress: Progress | None = None, steps: StepCounter | None = None,
-                 log_every_s: float = 2.0, _root: "StageTracker | None" = None):
+                 log_every_s: float = 5.0, _root: "StageTracker | None" = None):
         self.inner = inner
         self.name = name
         self.logger = logger
