@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from scipy.stats import rankdata
 
 from pipeline.maps_io import MapFileError, load_maps, map_path
 from pipeline.metrics import ConfusionMatrix
@@ -44,6 +43,21 @@ def _check_thresholds(thresholds: Iterable[float]) -> list[float]:
     if bad:
         raise ValueError(f"evaluate_maps: background thresholds must lie in [0, 1], got {bad}")
     return values
+
+
+def _load_checked(path: Path, dataset, item: str):
+    """(map record, GT mask) of one image; the map file must fit the mask's size and hold
+    foreground class ids of the dataset (MapFileError naming the file otherwise)."""
+    record = load_maps(path)
+    mask = dataset.load_mask(item)
+    if record.size != mask.shape:
+        raise MapFileError(f"map file {path}: maps are {record.size[1]}x{record.size[0]} but the "
+                           f"mask of {item!r} is {mask.shape[1]}x{mask.shape[0]}")
+    num_classes = dataset.num_classes
+    bad = record.classes[(record.classes < 1) | (record.classes >= num_classes)]
+    if bad.size:
+        raise MapFileError(f"map file {path}: class ids {bad.tolist()} outside 1..{num_classes - 1}")
+    return record, mask
 
 
 def evaluate_maps(map_dir: Path, dataset, thresholds: Sequence[float],
@@ -78,18 +92,10 @@ def evaluate_maps(map_dir: Path, dataset, thresholds: Sequence[float],
                 raise MapFileError(f"map file {path} for image {item!r} does not exist")
             skipped += 1
             continue
-        record = load_maps(path)
-        mask = dataset.load_mask(item)
-        if record.size != mask.shape:
-            raise MapFileError(f"map file {path}: maps are {record.size[1]}x{record.size[0]} but the "
-                               f"mask of {item!r} is {mask.shape[1]}x{mask.shape[0]}")
-        bad = record.classes[(record.classes < 1) | (record.classes >= num_classes)]
-        if bad.size:
-            raise MapFileError(f"map file {path}: class ids {bad.tolist()} outside 1..{num_classes - 1}")
+        record, mask = _load_checked(path, dataset, item)
         for kind in KINDS:
-            maps = record.maps if kind == "maps" else record.cams
             for matrix, t in zip(matrices[kind], thresholds):
-                matrix.update(label_map(record.classes, maps, t), mask)
+                matrix.update(label_map(record.classes, getattr(record, kind), t), mask)
         background.update(np.zeros_like(mask), mask)
         count += 1
     if count == 0:
@@ -122,7 +128,8 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     n_neg = positive.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = rankdata(scores)                       # average ranks on ties
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]    # 1-based ranks, ties averaged
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
@@ -164,16 +171,13 @@ def map_diagnostics(map_dir: Path, dataset, thresholds: dict[str, float],
     image_counts = np.zeros(k, np.int64)
     num_maps = pairs = count = 0
     for item in (dataset.ids if ids is None else ids):
-        record = load_maps(map_path(map_dir, item))
-        mask = dataset.load_mask(item)
-        if record.size != mask.shape:
-            raise MapFileError(f"map file {map_path(map_dir, item)}: maps do not fit the mask of {item!r}")
+        record, mask = _load_checked(map_path(map_dir, item), dataset, item)
         present = np.unique(mask[mask != 255])
         image_counts[present[(present > 0) & (present < k)]] += 1
         valid = mask != 255
         num_maps += len(record.classes)
         for kind, t in thresholds.items():
-            maps = record.maps if kind == "maps" else record.cams
+            maps = getattr(record, kind)
             matrices[kind].update(label_map(record.classes, maps, t), mask)
             empty[kind] += int((maps.max(axis=(1, 2), initial=0) <= 0).sum())
         for idx, c in enumerate(record.classes.tolist()):
@@ -182,7 +186,7 @@ def map_diagnostics(map_dir: Path, dataset, thresholds: dict[str, float],
                 continue
             pairs += 1
             for kind in thresholds:
-                values = (record.maps if kind == "maps" else record.cams)[idx][valid]
+                values = getattr(record, kind)[idx][valid]
                 aucs[kind][c].append(roc_auc(values, positive))
                 sums[kind] += (values[positive].mean(), values[~positive].mean())
         count += 1
