@@ -1,76 +1,129 @@
 """Orchestration overhead: the demo pipeline through the Prefect deployment vs the same stage
-functions called directly (``stages.run_pipeline``), one run each, fresh work directories.
+functions called directly, one run each (or N alternating pairs), fresh work directories.
 
-    .venv/bin/python benchmarks/overhead.py [--set FIELD=VALUE ...] [--home DIR]
+    .venv/bin/python benchmarks/overhead.py [--repeat N] [--set FIELD=VALUE ...] [--home DIR]
 
-Prints the seconds of each, the ratio deployment / direct (target <= 1.10) and the fixed
-costs around a deployment run (services start, ``prefect deploy --all``). The deployment time
-is measured from ``prefect deployment run ... --watch`` being started to its exit, so it
-includes run pickup by the worker, the flow-run process start, Prefect task bookkeeping and
-all MLflow logging; the direct run has none of these (no tracking). Services are started
-under ``--home`` (default: a temporary directory) on free ports and stopped at the end.
+Both sides are timed the way a user meets them, as one command in a fresh interpreter:
+
+* direct: ``wsss run --config demo`` (``stages.run_pipeline`` without tracking);
+* deployment: ``prefect deployment run wsss/demo --watch`` from its start to its exit, which
+  includes the CLI's own start, run pick-up by the worker, the flow-run process start,
+  Prefect task bookkeeping, progress artifacts and all MLflow logging.
+
+Both pay Python start-up and the torch / stage imports (about 5 s); only the deployment pays
+the Prefect and MLflow imports and calls. Printed: the seconds of each, the ratio deployment
+/ direct (target <= 1.10), the time outside the flow body, and each stage's own seconds on
+both sides (from the stage manifests / the flow summary) with the fixed costs around a
+deployment run (services start, ``prefect deploy --all``). Services are started under
+``--home`` (default: a temporary directory) on free ports after each direct run and stopped
+after the deployment run, so the direct runs have the machine to themselves. The data set is
+generated before either run. ``--repeat N`` alternates N pairs and prints the median ratio:
+on a shared 2-core VM a stage's time varies by 10 % from one run to the next, as much as the
+overhead being measured. Run it on a quiet machine: two processes competing for 2 cores slow
+both far more than 2x.
 """
 
 import argparse
+import json
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from flows import cli, services  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from stages import run_pipeline  # noqa: E402
+from stages import STAGE_ORDER  # noqa: E402
+
+
+def stage_seconds(workdir: Path) -> dict[str, float]:
+    """Each finished stage's own duration, from its manifest."""
+    found = {}
+    for name in STAGE_ORDER:
+        for manifest in sorted((workdir / name).glob("*/manifest.json")):
+            found[name] = json.loads(manifest.read_text())["duration_s"]
+    return found
+
+
+def run_direct(base: Path, overrides: list[str], index: int) -> tuple[float, Path]:
+    workdir = base / f"direct-{index}"
+    command = [sys.executable, "-m", "pipeline.cli", "run", "--config", "demo"]
+    for override in [f"workdir={workdir}", *overrides]:
+        command += ["--set", override]
+    t0 = time.perf_counter()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if result.returncode != 0:
+        raise SystemExit(f"wsss run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return seconds, workdir
+
+
+def run_deployment(home: Path, base: Path, overrides: list[str], index: int) -> tuple[float, dict]:
+    config = load_config("demo", [f"workdir={base / f'deployment-{index}'}", *overrides])
+    t0 = time.perf_counter()
+    code, run_id, output = cli.submit(home, "demo", config, echo=False)
+    seconds = time.perf_counter() - t0
+    if code != 0:
+        raise SystemExit(f"prefect deployment run failed:\n{output[-3000:]}")
+    return seconds, cli.read_summary(config, run_id)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--home", default=None, help="services home (default: temporary)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="pairs of runs, direct and deployment alternating (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the work directories")
     args = parser.parse_args(argv)
 
     base = Path(tempfile.mkdtemp(prefix="wsss-overhead-"))
     home = Path(args.home) if args.home else base / "home"
     common = [f"data.root={base / 'data'}", *args.overrides]
-    direct_cfg = load_config("demo", [f"workdir={base / 'direct'}", *common])
-    deploy_cfg = load_config("demo", [f"workdir={base / 'deployment'}", *common])
-
     # the synthetic data set is generated by the first stage that needs it: do it up front so
     # neither side pays for it
     from pipeline.data import build_dataset
 
-    build_dataset(direct_cfg.data, direct_cfg.data.train_split)
-    build_dataset(direct_cfg.data, direct_cfg.data.val_split)
+    data_cfg = load_config("demo", common).data
+    build_dataset(data_cfg, data_cfg.train_split)
+    build_dataset(data_cfg, data_cfg.val_split)
 
-    t0 = time.perf_counter()
-    run_pipeline(direct_cfg)
-    direct = time.perf_counter() - t0
-    print(f"direct (stages.run_pipeline):        {direct:8.1f} s", flush=True)
-
-    try:
-        t0 = time.perf_counter()
-        services.up(home, prefect_port=0, mlflow_port=0, say=lambda s: None)
-        up_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        cli.deploy(home)
-        deploy_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        code, run_id, output = cli.submit(home, "demo", deploy_cfg, echo=False)
-        through = time.perf_counter() - t0
-        if code != 0:
-            print(output[-3000:])
-            return 1
-        summary = cli.read_summary(deploy_cfg, run_id)
-    finally:
-        services.down(home, say=lambda s: None)
-    print(f"deployment (prefect deployment run):  {through:8.1f} s   "
-          f"(flow body {summary['seconds']:.1f} s)")
-    print(f"overhead ratio deployment / direct:   {through / direct:8.3f}   (target <= 1.10)")
-    print(f"absolute overhead:                    {through - direct:8.1f} s")
-    print(f"fixed costs: wsss up {up_s:.1f} s, prefect deploy --all {deploy_s:.1f} s")
+    ratios = []
+    for index in range(args.repeat):
+        direct, direct_dir = run_direct(base, common, index)  # no services running
+        try:
+            t0 = time.perf_counter()
+            services.up(home, prefect_port=0, mlflow_port=0, say=lambda s: None)
+            up_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            cli.deploy(home)
+            deploy_s = time.perf_counter() - t0
+            through, summary = run_deployment(home, base, common, index)
+        finally:
+            services.down(home, say=lambda s: None)
+        ratios.append(through / direct)
+        print(f"\npair {index + 1}/{args.repeat}")
+        print(f"direct (wsss run --config demo):      {direct:8.1f} s")
+        print(f"deployment (prefect deployment run):  {through:8.1f} s   "
+              f"(flow body {summary['seconds']:.1f} s; outside it: CLI start, pick-up, flow-run "
+              f"process start, MLflow parent run, the CLI's 3-s wait for straggler logs: "
+              f"{through - summary['seconds']:.1f} s)")
+        print(f"overhead ratio deployment / direct:   {through / direct:8.3f}   (target <= 1.10)")
+        print(f"absolute overhead:                    {through - direct:8.1f} s")
+        print(f"fixed costs before it: wsss up {up_s:.1f} s, prefect deploy --all {deploy_s:.1f} s")
+        print("stage seconds        direct   deployment   difference")
+        direct_stages = stage_seconds(direct_dir)
+        flow_stages = {row["stage"]: row["seconds"] for row in summary["stages"]}
+        for name in STAGE_ORDER:
+            mine, theirs = direct_stages.get(name, float("nan")), flow_stages.get(name, float("nan"))
+            print(f"  {name:18s} {mine:8.1f} {theirs:12.1f} {theirs - mine:+12.1f}", flush=True)
+    if len(ratios) > 1:
+        print(f"\nratios {', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}")
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
     return 0

@@ -139,8 +139,10 @@ def submit(home: Path, deployment: str, config, stages: list[str] | None = None,
         command.append("--watch")
     env = services.client_env(layout, state)
     env["COLUMNS"] = "200"
+    # the watcher only prints events: at the servers' lower priority it leaves the CPU to the run
     process = subprocess.Popen(command, cwd=_root(), env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+                               stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: os.nice(services.SERVER_NICENESS))
     lines, run_id = [], None
     start = time.monotonic()
     for line in process.stdout:

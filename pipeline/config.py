@@ -315,12 +315,16 @@ def _preset_dict(name: str) -> dict[str, Any]:
                            "lr_steps": [32], "image_size": 96, "self_pairs": False,
                            "colour_jitter": [0, 0, 0, 0], "flip": True,
                            "contrastive_from_epoch": 2, "amp": False, "num_workers": 0},
-            "maps": {"num_related": 3, "checkpoint_epoch": None, "batch_size": 16, "workers": 2},
+            # one process: 160 images are 7-9 s of work, two spawned workers took 18-20 s
+            # (each imports torch, the stage and the parent's __main__ first)
+            "maps": {"num_related": 3, "checkpoint_epoch": None, "batch_size": 16, "workers": 1},
             # MCIS maps are complete but flat (plateau ~0.8, best map threshold 0.75): PSA's
             # power background (1 - max M)^4 labels nearly everything foreground (pseudo-masks
             # 42 mIoU); IRN's constant background with thresholds 0.7 / 0.6 gives 74
             "crf": {"preset": "irn", "bg_threshold": 0.7, "bg_low_threshold": 0.6, "workers": 2,
                     "chunk_size": 16},
+            # data loading in the training process (num_workers 0): a loader process competes
+            # with the two compute threads on 2 cores (150 iterations: 25.5 s vs 28-38 s)
             # tiny random-init backbone (width 32: DeepLab 53 vs 34 mIoU at width 16, SANet 65
             # vs 61): a high lr is what makes 300 iterations enough; LargeFOV without its 0.5
             # dropout and with dilation 2 (the 96-px images give a 12x12 feature map, where
@@ -329,7 +333,7 @@ def _preset_dict(name: str) -> dict[str, Any]:
                           "pretrained": False, "iterations": 300, "batch_size": 8, "crop_size": 96,
                           "scale_range": [0.75, 1.25], "lr": 0.1, "warmup_iters": 20,
                           "head_lr_mult": 1.0, "checkpoint_every": 100, "amp": False,
-                          "num_workers": 1, "class_balanced": False,
+                          "num_workers": 0, "class_balanced": False,
                           "model_options": {"sanet": {"backbone_options": {"width": 32}},
                                             "deeplab_largefov": {"channels": 128, "dilation": 2,
                                                                  "dropout_ratio": 0.0,

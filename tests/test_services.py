@@ -123,3 +123,39 @@ def test_cli_status_exit_code(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "prefect" in out and "stopped" in out
     assert json.loads(json.dumps(services.status(tmp_path)))[0]["service"] == "prefect"
+
+
+def test_server_settings_are_real_prefect_settings(monkeypatch):
+    """The loop intervals the server is started with are Prefect settings it reads (a typo in
+    a PREFECT_* name would be ignored silently, and the server would keep its 5-s loops)."""
+    from prefect.settings import Settings
+
+    env = services.server_env()
+    assert len(env) == len(services.SERVER_LOOPS) + 1
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    loops = Settings().server.services
+    seconds = services.SERVER_LOOP_SECONDS
+    for loop in services.SERVER_LOOPS:
+        assert getattr(loops, loop.lower()).loop_seconds == seconds, loop
+    assert loops.scheduler.recent_deployments_loop_seconds == seconds
+    monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", str(services.WORKER_QUERY_SECONDS))
+    assert Settings().worker.query_seconds == services.WORKER_QUERY_SECONDS
+
+
+def test_spawn_lowers_priority_of_the_service_and_its_children(tmp_path):
+    layout = services.Layout(tmp_path)
+    parent = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+              "'import time; time.sleep(60)']); print('ready', flush=True); time.sleep(60)")
+    service = services._spawn(layout, "server", [sys.executable, "-c", parent], dict(os.environ),
+                              niceness=7)
+    try:
+        deadline = time.monotonic() + 60
+        while not services.descendants(service.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, service.pid) == min(base + 7, 19)
+        child = services.descendants(service.pid)[0][0]
+        assert os.getpriority(os.PRIO_PROCESS, child) == min(base + 7, 19)
+    finally:
+        services.stop_service(service)
