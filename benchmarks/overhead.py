@@ -24,7 +24,6 @@ both far more than 2x.
 """
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -38,16 +37,14 @@ sys.path.insert(0, str(ROOT))
 
 from flows import cli, services  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.storage import is_complete, read_manifest  # noqa: E402
 from stages import STAGE_ORDER  # noqa: E402
 
 
 def stage_seconds(workdir: Path) -> dict[str, float]:
     """Each finished stage's own duration, from its manifest."""
-    found = {}
-    for name in STAGE_ORDER:
-        for manifest in sorted((workdir / name).glob("*/manifest.json")):
-            found[name] = json.loads(manifest.read_text())["duration_s"]
-    return found
+    return {name: read_manifest(out)["duration_s"] for name in STAGE_ORDER
+            for out in sorted((workdir / name).glob("*")) if is_complete(out)}
 
 
 def run_direct(base: Path, overrides: list[str], index: int) -> tuple[float, Path]:

@@ -172,9 +172,9 @@ def map_diagnostics(map_dir: Path, dataset, thresholds: dict[str, float],
     num_maps = pairs = count = 0
     for item in (dataset.ids if ids is None else ids):
         record, mask = _load_checked(map_path(map_dir, item), dataset, item)
-        present = np.unique(mask[mask != 255])
-        image_counts[present[(present > 0) & (present < k)]] += 1
         valid = mask != 255
+        present = np.unique(mask[valid])
+        image_counts[present[(present > 0) & (present < k)]] += 1
         num_maps += len(record.classes)
         for kind, t in thresholds.items():
             maps = getattr(record, kind)
