@@ -20,11 +20,13 @@ ignores the first SIGTERM: ``down`` sends a second one, then SIGKILL after a gra
 import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +54,12 @@ SERVER_LOOPS = ("CLEANUP_RECONCILER", "LATE_RUNS", "PAUSE_EXPIRATIONS", "CANCELL
 # is idle (the pipeline's single-threaded steps) instead of pre-empting the pipeline's compute
 # threads. The worker keeps normal priority: flow runs are its children and inherit it.
 SERVER_NICENESS = 10
+# A flow run on a process pool normally starts as ``python -m prefect.runner._workspace_supervisor``,
+# which imports Prefect, prepares a workspace from the deployment's pull steps and then execs
+# ``python -m prefect.engine`` -- a second interpreter start-up and Prefect import. The engine
+# runs the pull steps itself (our deployments have one: ``set_working_directory``), so the
+# pool's default command starts it directly: about 2 s and 2 CPU-s less per flow run.
+ENGINE_COMMAND = (sys.executable, "-m", "prefect.engine")
 # the worker asks for scheduled runs every 2 s (pick-up within 1 s on average); each query
 # costs the server ~30 ms of CPU
 WORKER_QUERY_SECONDS = 2
@@ -333,7 +341,8 @@ def up(home: Path | None = None, prefect_port: int = DEFAULT_PREFECT_PORT,
                 _wait_healthy(state[name], lambda s=state[name]: health(s), timeout)
                 say(f"{name}: up at {state[name].url} (pid {state[name].pid})")
         if "worker" not in state:
-            env = client_env(layout, state)  # the worker creates the process pool if missing
+            ensure_pool(f"{state['prefect'].url}/api", process_job_template())
+            env = client_env(layout, state)
             env.update({"PREFECT_WORKER_QUERY_SECONDS": str(WORKER_QUERY_SECONDS),
                         "PREFECT_WORKER_PREFETCH_SECONDS": "5",
                         "PREFECT_RUNNER_POLL_FREQUENCY": "1"})
@@ -345,6 +354,37 @@ def up(home: Path | None = None, prefect_port: int = DEFAULT_PREFECT_PORT,
     finally:
         save_state(layout, state)
     return state
+
+
+def process_job_template() -> dict:
+    """Prefect's base job template for ``process`` pools, with ``ENGINE_COMMAND`` (this
+    interpreter) as the default flow-run command; a deployment can still set its own."""
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    template["variables"]["properties"]["command"]["default"] = shlex.join(ENGINE_COMMAND)
+    return template
+
+
+def api_request(url: str, method: str, body: dict | None = None, timeout: float = 10.0) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        text = response.read()
+    return json.loads(text) if text else {}
+
+
+def ensure_pool(api_url: str, template: dict) -> None:
+    """Create the work pool ``POOL`` with ``template``, or give an existing one that template
+    (a pool survives ``down``/``up`` in the server's database), before the worker starts."""
+    try:
+        api_request(f"{api_url}/work_pools/", "POST",
+                    {"name": POOL, "type": "process", "base_job_template": template})
+    except urllib.error.HTTPError as err:
+        if err.code != 409:  # 409: the pool exists
+            raise ServiceError(f"creating work pool {POOL} failed: HTTP {err.code} {err.read()[:300]!r}")
+        api_request(f"{api_url}/work_pools/{POOL}", "PATCH", {"base_job_template": template})
 
 
 def _worker_online(layout: Layout, state: dict[str, Service]) -> bool:

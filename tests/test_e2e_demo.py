@@ -14,6 +14,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -116,6 +117,10 @@ def test_idempotent_up_and_status(live):
     rows = services.status(home)
     assert [r["state"] for r in rows] == ["healthy"] * 3
     assert all(r["url"].startswith("http://127.0.0.1:") for r in rows if r["service"] != "worker")
+    # flow runs start the engine directly (no workspace supervisor and second Prefect import)
+    pool = services.api_request(f"{state['prefect'].url}/api/work_pools/{services.POOL}", "GET")
+    command = pool["base_job_template"]["variables"]["properties"]["command"]["default"]
+    assert command == shlex.join(services.ENGINE_COMMAND)
 
 
 def test_deployment_run_outputs_and_mlflow(live, first_run):
