@@ -12,9 +12,13 @@ Both sides are timed the way a user meets them, as one command in a fresh interp
 
 Both pay Python start-up and the torch / stage imports (about 5 s); only the deployment pays
 the Prefect and MLflow imports and calls. Printed: the seconds of each, the ratio deployment
-/ direct (target <= 1.10), the time outside the flow body, and each stage's own seconds on
-both sides (from the stage manifests / the flow summary) with the fixed costs around a
-deployment run (services start, ``prefect deploy --all``). Services are started under
+/ direct (target <= 1.10), the time outside the flow body, the deployment run's timeline from
+the Prefect API's timestamps (CLI start, pick-up and flow-run process start, MLflow parent
+run, flow body, the CLI's wait after the end), the CPU seconds of the direct run and of each
+process during the deployment run (Prefect server, MLflow server, worker + flow run, the
+watching CLI), and each stage's own seconds on both sides (from the stage manifests / the
+flow summary) with the fixed costs around a deployment run (services start,
+``prefect deploy --all``). Services are started under
 ``--home`` (default: a temporary directory) on free ports after each direct run and stopped
 after the deployment run, so the direct runs have the machine to themselves. The data set is
 generated before either run. ``--repeat N`` alternates N pairs and prints the median ratio:
@@ -24,6 +28,8 @@ both far more than 2x.
 """
 
 import argparse
+import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -34,6 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from datetime import datetime  # noqa: E402
 
 from flows import cli, services  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -47,27 +55,62 @@ def stage_seconds(workdir: Path) -> dict[str, float]:
             for out in sorted((workdir / name).glob("*")) if is_complete(out)}
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and its live descendants, with their reaped
+    children; 0 for a process that is gone."""
+    total = 0.0
+    for member in [pid] + [child for child, _ in services.descendants(pid)]:
+        fields = services._stat_fields(member)
+        if fields:
+            total += sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_direct(base: Path, overrides: list[str], index: int) -> tuple[float, Path]:
     workdir = base / f"direct-{index}"
     command = [sys.executable, "-m", "pipeline.cli", "run", "--config", "demo"]
     for override in [f"workdir={workdir}", *overrides]:
         command += ["--set", override]
-    t0 = time.perf_counter()
+    cpu0, t0 = children_cpu_seconds(), time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, children_cpu_seconds() - cpu0
     if result.returncode != 0:
         raise SystemExit(f"wsss run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return seconds, workdir
+    return seconds, cpu, workdir
 
 
-def run_deployment(home: Path, base: Path, overrides: list[str], index: int) -> tuple[float, dict]:
+def run_deployment(home: Path, base: Path, overrides: list[str], index: int):
+    """The deployment run, its summary, its timeline (seconds between the Prefect API's
+    timestamps) and the CPU seconds each process spent during it."""
     config = load_config("demo", [f"workdir={base / f'deployment-{index}'}", *overrides])
-    t0 = time.perf_counter()
+    state = services.load_state(services.Layout(home))
+    pids = {"Prefect server": state["prefect"].pid, "MLflow server": state["mlflow"].pid,
+            "worker + flow run": state["worker"].pid}
+    before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
+    cli_cpu0, start = children_cpu_seconds(), time.time()
     code, run_id, output = cli.submit(home, "demo", config, echo=False)
-    seconds = time.perf_counter() - t0
+    end = time.time()
     if code != 0:
         raise SystemExit(f"prefect deployment run failed:\n{output[-3000:]}")
-    return seconds, cli.read_summary(config, run_id)
+    cpu = {name: tree_cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    cpu["watching CLI"] = children_cpu_seconds() - cli_cpu0
+    summary = cli.read_summary(config, run_id)
+    run = services.api_request(f"{state['prefect'].url}/api/flow_runs/{run_id}", "GET")
+    created, running, finished = (datetime.fromisoformat(run[k]).timestamp()
+                                  for k in ("created", "start_time", "end_time"))
+    timeline = {
+        "CLI start until the flow run exists": created - start,
+        "pick-up, flow-run process start, Prefect import, flow load": running - created,
+        "MLflow parent run, summary, Prefect bookkeeping": finished - running - summary["seconds"],
+        "flow body (the stages)": summary["seconds"],
+        "end of the run until the CLI exits (its 3-s straggler wait)": end - finished,
+    }
+    return end - start, summary, timeline, cpu
 
 
 def main(argv=None) -> int:
@@ -92,7 +135,7 @@ def main(argv=None) -> int:
 
     ratios = []
     for index in range(args.repeat):
-        direct, direct_dir = run_direct(base, common, index)  # no services running
+        direct, direct_cpu, direct_dir = run_direct(base, common, index)  # no services running
         try:
             t0 = time.perf_counter()
             services.up(home, prefect_port=0, mlflow_port=0, say=lambda s: None)
@@ -100,7 +143,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             cli.deploy(home)
             deploy_s = time.perf_counter() - t0
-            through, summary = run_deployment(home, base, common, index)
+            through, summary, timeline, cpu = run_deployment(home, base, common, index)
         finally:
             services.down(home, say=lambda s: None)
         ratios.append(through / direct)
@@ -113,6 +156,12 @@ def main(argv=None) -> int:
         print(f"overhead ratio deployment / direct:   {through / direct:8.3f}   (target <= 1.10)")
         print(f"absolute overhead:                    {through - direct:8.1f} s")
         print(f"fixed costs before it: wsss up {up_s:.1f} s, prefect deploy --all {deploy_s:.1f} s")
+        print("deployment timeline (Prefect API timestamps):")
+        for what, seconds in timeline.items():
+            print(f"  {what:62s} {seconds:6.1f} s")
+        print(f"CPU seconds: direct run {direct_cpu:.1f}; during the deployment run: "
+              + ", ".join(f"{name} {value:.1f}" for name, value in cpu.items())
+              + f" (total {sum(cpu.values()):.1f})")
         print("stage seconds        direct   deployment   difference")
         direct_stages = stage_seconds(direct_dir)
         flow_stages = {row["stage"]: row["seconds"] for row in summary["stages"]}
