@@ -23,7 +23,8 @@ flow summary) with the fixed costs around a deployment run (services start,
 after the deployment run, so the direct runs have the machine to themselves. The data set is
 generated before either run. ``--repeat N`` alternates N pairs and prints the median ratio:
 on a shared 2-core VM a stage's time varies by 10-25 % from one run to the next (the same
-``wsss run`` took 352 to 441 CPU-s), as much as the overhead being measured or more. Run it on a quiet machine: two processes competing for 2 cores slow
+``wsss run`` took 352 to 441 CPU-s), as much as the overhead being measured or more. Run it
+on a quiet machine: two processes competing for 2 cores slow
 both far more than 2x.
 """
 
