@@ -58,7 +58,8 @@ SERVER_NICENESS = 10
 # which imports Prefect, prepares a workspace from the deployment's pull steps and then execs
 # ``python -m prefect.engine`` -- a second interpreter start-up and Prefect import. The engine
 # runs the pull steps itself (our deployments have one: ``set_working_directory``), so the
-# pool's default command starts it directly: about 2 s and 2 CPU-s less per flow run.
+# pool's default command starts it directly: a run went from created to running in 4.3-4.7 s
+# instead of 5.5-6.7 s (A/B in one services session, alternating).
 ENGINE_COMMAND = (sys.executable, "-m", "prefect.engine")
 # the worker asks for scheduled runs every 2 s (pick-up within 1 s on average); each query
 # costs the server ~30 ms of CPU
@@ -367,6 +368,7 @@ def process_job_template() -> dict:
 
 
 def api_request(url: str, method: str, body: dict | None = None, timeout: float = 10.0) -> dict:
+    """One JSON request to a server's REST API (urllib: no Prefect client import here)."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method,
                                      headers={"Content-Type": "application/json"})
