@@ -24,8 +24,7 @@ after the deployment run, so the direct runs have the machine to themselves. The
 generated before either run. ``--repeat N`` alternates N pairs and prints the median ratio:
 on a shared 2-core VM a stage's time varies by 10-25 % from one run to the next (the same
 ``wsss run`` took 352 to 441 CPU-s), as much as the overhead being measured or more. Run it
-on a quiet machine: two processes competing for 2 cores slow
-both far more than 2x.
+on a quiet machine: two processes competing for 2 cores slow both far more than 2x.
 """
 
 import argparse
@@ -37,12 +36,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-from datetime import datetime  # noqa: E402
 
 from flows import cli, services  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -72,7 +70,8 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_direct(base: Path, overrides: list[str], index: int) -> tuple[float, Path]:
+def run_direct(base: Path, overrides: list[str], index: int) -> tuple[float, float, Path]:
+    """``wsss run --config demo`` in a fresh interpreter: seconds, CPU seconds, work directory."""
     workdir = base / f"direct-{index}"
     command = [sys.executable, "-m", "pipeline.cli", "run", "--config", "demo"]
     for override in [f"workdir={workdir}", *overrides]:
@@ -151,9 +150,8 @@ def main(argv=None) -> int:
         print(f"\npair {index + 1}/{args.repeat}")
         print(f"direct (wsss run --config demo):      {direct:8.1f} s")
         print(f"deployment (prefect deployment run):  {through:8.1f} s   "
-              f"(flow body {summary['seconds']:.1f} s; outside it: CLI start, pick-up, flow-run "
-              f"process start, MLflow parent run, the CLI's 3-s wait for straggler logs: "
-              f"{through - summary['seconds']:.1f} s)")
+              f"(flow body {summary['seconds']:.1f} s, outside it {through - summary['seconds']:.1f} s: "
+              f"see the timeline)")
         print(f"overhead ratio deployment / direct:   {through / direct:8.3f}   (target <= 1.10)")
         print(f"absolute overhead:                    {through - direct:8.1f} s")
         print(f"fixed costs before it: wsss up {up_s:.1f} s, prefect deploy --all {deploy_s:.1f} s")

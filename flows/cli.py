@@ -160,18 +160,14 @@ def submit(home: Path, deployment: str, config, stages: list[str] | None = None,
 
 def failure_message(state: dict, run_id: str) -> str:
     """Name and message of the flow run's state, and of its failed task runs (Prefect REST API)."""
-    import urllib.request
+    from flows.services import api_request
 
     api = f"{state['prefect'].url}/api"
     try:
-        with urllib.request.urlopen(f"{api}/flow_runs/{run_id}", timeout=10) as response:
-            run = json.loads(response.read())
-        body = json.dumps({"flow_runs": {"id": {"any_": [run_id]}},
-                           "task_runs": {"state": {"type": {"any_": ["FAILED", "CRASHED"]}}}}).encode()
-        request = urllib.request.Request(f"{api}/task_runs/filter", data=body,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            tasks = json.loads(response.read())
+        run = api_request(f"{api}/flow_runs/{run_id}", "GET")
+        tasks = api_request(f"{api}/task_runs/filter", "POST", {
+            "flow_runs": {"id": {"any_": [run_id]}},
+            "task_runs": {"state": {"type": {"any_": ["FAILED", "CRASHED"]}}}})
     except (OSError, ValueError) as err:
         return f"(could not read the flow run from the Prefect API: {err})"
     lines = [f"flow run {run.get('name')}: {run['state']['name']}: {run['state'].get('message') or ''}"]
