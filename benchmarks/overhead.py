@@ -1,7 +1,8 @@
 """Orchestration overhead: the demo pipeline through the Prefect deployment vs the same stage
-functions called directly, one run each (or N alternating pairs), fresh work directories.
+functions called directly, one run each (or N pairs), fresh work directories.
 
-    .venv/bin/python benchmarks/overhead.py [--repeat N] [--set FIELD=VALUE ...] [--home DIR]
+    .venv/bin/python benchmarks/overhead.py [--repeat N] [--concurrent] [--set FIELD=VALUE ...]
+                                            [--home DIR]
 
 Both sides are timed the way a user meets them, as one command in a fresh interpreter:
 
@@ -18,13 +19,21 @@ run, flow body, the CLI's wait after the end), the CPU seconds of the direct run
 process during the deployment run (Prefect server, MLflow server, worker + flow run, the
 watching CLI), and each stage's own seconds on both sides (from the stage manifests / the
 flow summary) with the fixed costs around a deployment run (services start,
-``prefect deploy --all``). Services are started under
-``--home`` (default: a temporary directory) on free ports after each direct run and stopped
-after the deployment run, so the direct runs have the machine to themselves. The data set is
-generated before either run. ``--repeat N`` alternates N pairs and prints the median ratio:
-on a shared 2-core VM a stage's time varies by 10-25 % from one run to the next (the same
-``wsss run`` took 352 to 441 CPU-s), as much as the overhead being measured or more. Run it
-on a quiet machine: two processes competing for 2 cores slow both far more than 2x.
+``prefect deploy --all``). The data set is generated before either run.
+
+Two ways to pair the runs:
+
+* default, one after the other: the direct run first with no services running, then the
+  services are started under ``--home`` (default: a temporary directory) on free ports, the
+  deployment runs on the whole machine, and the services are stopped. This is the demo as a
+  user meets it, but on a shared VM the machine's speed drifts between the two runs: the same
+  ``wsss run`` took 352 to 441 CPU-s from one pair to the next, as much as the overhead being
+  measured or more. ``--repeat N`` alternates N pairs and prints the median ratio.
+* ``--concurrent``: both sides start together, the direct run pinned to one core and the
+  services, the CLI, the worker and the flow run to the other (cores swapped from one pair to
+  the next). The drift then hits both sides alike, at the price of one core (one torch
+  thread) each, and the services' CPU is charged to the deployment in full instead of
+  partly hiding in the moments the pipeline leaves a core idle.
 """
 
 import argparse
@@ -35,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -70,23 +80,45 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_direct(base: Path, overrides: list[str], index: int) -> tuple[float, float, Path]:
-    """``wsss run --config demo`` in a fresh interpreter: seconds, CPU seconds, work directory."""
-    workdir = base / f"direct-{index}"
-    command = [sys.executable, "-m", "pipeline.cli", "run", "--config", "demo"]
-    for override in [f"workdir={workdir}", *overrides]:
-        command += ["--set", override]
-    cpu0, t0 = children_cpu_seconds(), time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    seconds, cpu = time.perf_counter() - t0, children_cpu_seconds() - cpu0
-    if result.returncode != 0:
-        raise SystemExit(f"wsss run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return seconds, cpu, workdir
+class DirectRun:
+    """``wsss run --config demo`` in a fresh interpreter, started at construction (pinned to
+    ``cpus`` when given; output to ``<workdir>.log``); a thread reaps it the moment it ends,
+    :meth:`finish` waits for that."""
+
+    def __init__(self, base: Path, overrides: list[str], index: int, cpus: set[int] | None = None):
+        self.workdir = base / f"direct-{index}"
+        command = [sys.executable, "-m", "pipeline.cli", "run", "--config", "demo"]
+        for override in [f"workdir={self.workdir}", *overrides]:
+            command += ["--set", override]
+        self.log = base / f"direct-{index}.log"
+        with open(self.log, "w") as log:
+            self.start = time.perf_counter()
+            self.process = subprocess.Popen(
+                command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+        self._reaper = threading.Thread(target=self._reap, daemon=True)
+        self._reaper.start()
+
+    def _reap(self) -> None:
+        _, status, usage = os.wait4(self.process.pid, 0)
+        self.seconds = time.perf_counter() - self.start
+        self.cpu_seconds = usage.ru_utime + usage.ru_stime  # its own and its children's
+        self.reaped_at = time.monotonic()
+        self.process.returncode = os.waitstatus_to_exitcode(status)
+
+    def finish(self) -> tuple[float, float, Path]:
+        """Seconds, CPU seconds and the work directory."""
+        self._reaper.join()
+        if self.process.returncode != 0:
+            raise SystemExit(f"wsss run failed (log {self.log}):\n{self.log.read_text()[-3000:]}")
+        return self.seconds, self.cpu_seconds, self.workdir
 
 
-def run_deployment(home: Path, base: Path, overrides: list[str], index: int):
+def run_deployment(home: Path, base: Path, overrides: list[str], index: int,
+                   beside: DirectRun | None = None):
     """The deployment run, its summary, its timeline (seconds between the Prefect API's
-    timestamps) and the CPU seconds each process spent during it."""
+    timestamps) and the CPU seconds each process spent during it (``beside``: a direct run
+    going on at the same time, whose CPU is not the watching CLI's)."""
     config = load_config("demo", [f"workdir={base / f'deployment-{index}'}", *overrides])
     state = services.load_state(services.Layout(home))
     pids = {"Prefect server": state["prefect"].pid, "MLflow server": state["mlflow"].pid,
@@ -99,6 +131,8 @@ def run_deployment(home: Path, base: Path, overrides: list[str], index: int):
         raise SystemExit(f"prefect deployment run failed:\n{output[-3000:]}")
     cpu = {name: tree_cpu_seconds(pid) - before[name] for name, pid in pids.items()}
     cpu["watching CLI"] = children_cpu_seconds() - cli_cpu0
+    if beside is not None and getattr(beside, "reaped_at", float("inf")) < time.monotonic():
+        cpu["watching CLI"] -= beside.cpu_seconds  # reaped meanwhile: in RUSAGE_CHILDREN too
     summary = cli.read_summary(config, run_id)
     run = services.api_request(f"{state['prefect'].url}/api/flow_runs/{run_id}", "GET")
     created, running, finished = (datetime.fromisoformat(run[k]).timestamp()
@@ -119,6 +153,10 @@ def main(argv=None) -> int:
     parser.add_argument("--home", default=None, help="services home (default: temporary)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="pairs of runs, direct and deployment alternating (default 1)")
+    parser.add_argument("--concurrent", action="store_true",
+                        help="start both sides of a pair together, each pinned to its own core "
+                             "(the deployment's services on its core): the machine's drift "
+                             "hits both alike")
     parser.add_argument("--keep", action="store_true", help="keep the work directories")
     args = parser.parse_args(argv)
 
@@ -133,21 +171,39 @@ def main(argv=None) -> int:
     build_dataset(data_cfg, data_cfg.train_split)
     build_dataset(data_cfg, data_cfg.val_split)
 
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.concurrent and len(cpus) < 2:
+        raise SystemExit(f"--concurrent needs two CPUs; this process may use {cpus}")
     ratios = []
     for index in range(args.repeat):
-        direct, direct_cpu, direct_dir = run_direct(base, common, index)  # no services running
+        direct_run, pinned = None, ""
         try:
+            if args.concurrent:  # swap the cores from one pair to the next
+                direct_cpu, deployment_cpu = cpus[index % 2], cpus[(index + 1) % 2]
+                pinned = f" (direct on cpu {direct_cpu}, deployment on cpu {deployment_cpu}, started together)"
+                os.sched_setaffinity(0, {deployment_cpu})  # services, CLI, worker, flow run
+            else:
+                direct, direct_cpu_s, direct_dir = DirectRun(base, common, index).finish()
             t0 = time.perf_counter()
             services.up(home, prefect_port=0, mlflow_port=0, say=lambda s: None)
             up_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             cli.deploy(home)
             deploy_s = time.perf_counter() - t0
-            through, summary, timeline, cpu = run_deployment(home, base, common, index)
+            if args.concurrent:
+                direct_run = DirectRun(base, common, index, {direct_cpu})
+            through, summary, timeline, cpu = run_deployment(home, base, common, index, direct_run)
+            if direct_run:
+                direct, direct_cpu_s, direct_dir = direct_run.finish()
+                direct_run = None
         finally:
+            if direct_run:
+                direct_run.process.kill()
+                direct_run._reaper.join()
             services.down(home, say=lambda s: None)
+            os.sched_setaffinity(0, set(cpus))
         ratios.append(through / direct)
-        print(f"\npair {index + 1}/{args.repeat}")
+        print(f"\npair {index + 1}/{args.repeat}{pinned}")
         print(f"direct (wsss run --config demo):      {direct:8.1f} s")
         print(f"deployment (prefect deployment run):  {through:8.1f} s   "
               f"(flow body {summary['seconds']:.1f} s, outside it {through - summary['seconds']:.1f} s: "
@@ -158,7 +214,7 @@ def main(argv=None) -> int:
         print("deployment timeline (Prefect API timestamps):")
         for what, seconds in timeline.items():
             print(f"  {what:62s} {seconds:6.1f} s")
-        print(f"CPU seconds: direct run {direct_cpu:.1f}; during the deployment run: "
+        print(f"CPU seconds: direct run {direct_cpu_s:.1f}; during the deployment run: "
               + ", ".join(f"{name} {value:.1f}" for name, value in cpu.items())
               + f" (total {sum(cpu.values()):.1f})")
         print("stage seconds        direct   deployment   difference")

@@ -96,7 +96,12 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel when a process group is running, else the model itself."""
+    """DistributedDataParallel when a process group is running, else the model itself.
+
+    ``find_unused_parameters`` stays off (it costs a graph traversal per step): every
+    registered segmentor uses all its parameters in its training loss (the segmentor tests
+    assert it), and the classifier always builds its contrastive term, weighting it 0 when
+    it is off."""
     if dist.is_available() and dist.is_initialized():
         ids = [device.index] if device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)

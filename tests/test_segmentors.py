@@ -135,6 +135,9 @@ def test_forward_backward_shapes_and_losses(name):
     assert all(g is not None for g in head_grads)
     assert any(g.abs().sum() > 0 for g in head_grads)
     assert model.backbone.stages[0][0].weight.grad.abs().sum() > 0
+    # every parameter takes part in the loss: DDP (pipeline.runtime.wrap_ddp) needs no
+    # find_unused_parameters
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
     ids = {id(p) for p in model.backbone_parameters()}
     assert len(ids) + len(model.head_parameters()) == len(list(model.parameters()))
     with torch.no_grad():

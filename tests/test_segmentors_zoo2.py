@@ -87,6 +87,9 @@ def test_forward_backward_shapes(name):
     for group in (model.backbone_parameters(), model.head_parameters()):
         grads = [p.grad for p in group if p.grad is not None]
         assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+    # every parameter takes part in the loss: DDP (pipeline.runtime.wrap_ddp) needs no
+    # find_unused_parameters
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
     model.eval()
     with torch.no_grad():
         y = model(torch.randn(1, 3, 48, 80))["out"]
