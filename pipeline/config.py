@@ -261,6 +261,11 @@ class PipelineConfig(StrictModel):
     workdir: Path = Field(Path("work"), description="where stage outputs, services and caches live")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: Optional[int] = Field(
+        None, ge=1, description="CPU threads for torch in each stage (torch.set_num_threads); "
+        "worker processes (maps.workers, segmentor.parallel / nproc) share this budget. Not part "
+        "of any stage's key. Default: torch's choice in the stage process, the cores this "
+        "process may run on for the split")
     data: DataConfig = DataConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     maps: MapsConfig = MapsConfig()

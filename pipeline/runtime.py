@@ -54,6 +54,24 @@ def is_main() -> bool:
     return dist_info().is_main
 
 
+def cpu_threads(requested: int | None = None) -> int:
+    """The CPU threads the pipeline may use: ``requested`` (the config's ``threads``) when
+    set, else the cores this process may run on (its affinity mask, which ``taskset`` and
+    cgroup cpusets narrow; ``os.cpu_count()`` where there is none)."""
+    if requested:
+        return int(requested)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks on this platform
+        return os.cpu_count() or 1
+
+
+def apply_threads(requested: int | None) -> None:
+    """``torch.set_num_threads(requested)`` when set; else torch's default stays."""
+    if requested:
+        torch.set_num_threads(int(requested))
+
+
 def select_device(preference: str = "auto") -> torch.device:
     """``cpu``, ``cuda`` (error when absent) or ``auto``."""
     if preference not in ("auto", "cpu", "cuda"):

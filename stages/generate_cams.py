@@ -34,7 +34,6 @@ process does everything. ``map_eval.json`` holds the threshold sweep of
 """
 
 import logging
-import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -395,7 +394,7 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
               out_dir=str(out_dir), image_size=cfg.image_size,
               views=config_views(cfg.scales, cfg.flip), self_pairs=cfg.self_pairs,
               batch_size=cfg.batch_size, device=str(device),
-              threads=max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0)
+              threads=max(1, runtime.cpu_threads(config.threads) // workers) if workers > 1 else 0)
 
     todo = [i for i in plan.ids if not map_path(out_dir, i).is_file()]
     partners = sorted({r for i in todo for rel in plan.related.get(i, {}).values() for r in rel})

@@ -455,7 +455,7 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
         atomic_write_json(config_path, config_to_dict(config))
         groups = [list(cfg.models)] if cfg.parallel else [[m] for m in cfg.models]
         for group in groups:
-            threads = max(1, (os.cpu_count() or 1) // (len(group) * cfg.nproc))
+            threads = max(1, runtime.cpu_threads(config.threads) // (len(group) * cfg.nproc))
             procs = {}
             for name in group:
                 (out_dir / name).mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """The plain stage runner: keys, caching, resume, force, dependency resolution."""
 
+import os
 import sys
 import types
 from pathlib import Path
@@ -103,3 +104,32 @@ def test_execution_fields_do_not_change_keys(tmp_path):
     changed = load_config("demo", [f"workdir={tmp_path}", "crf.iterations=2"])
     assert stages.stage_key(base, "refine_crf", {"generate_cams": "k"}) != \
         stages.stage_key(changed, "refine_crf", {"generate_cams": "k"})
+
+
+def test_threads_setting_reaches_the_stage_and_is_not_in_the_key(tmp_path, fake_stages, monkeypatch):
+    import torch
+
+    from pipeline import runtime
+
+    seen = []
+    module = sys.modules["stages.refine_crf"]
+    inner = module.run
+
+    def run(config, upstream, out_dir, tracker):
+        seen.append(torch.get_num_threads())
+        return inner(config, upstream, out_dir, tracker)
+
+    monkeypatch.setattr(module, "run", run)
+    before = torch.get_num_threads()
+    try:
+        first = stages.run_pipeline(config(tmp_path, "threads=1"), stages=["refine_crf"])
+        assert seen == [1]
+        # an execution setting: the same outputs are reused at another thread count
+        again = stages.run_pipeline(config(tmp_path, "threads=2"), stages=["refine_crf"])
+        assert again["refine_crf"].cached and again["refine_crf"].key == first["refine_crf"].key
+    finally:
+        torch.set_num_threads(before)
+    assert runtime.cpu_threads(3) == 3
+    assert runtime.cpu_threads(None) == len(os.sched_getaffinity(0))
+    with pytest.raises(ValueError, match="threads"):
+        config(tmp_path, "threads=0")
