@@ -58,7 +58,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from models.segmentors import available, build_segmentor
+from models.segmentors import available, build_segmentor, builder_options
+from models.segmentors.setr import crop_img_size
 from pipeline import runtime
 from pipeline.config import PipelineConfig, SegmentorConfig, config_to_dict
 from pipeline.data import build_dataset
@@ -310,6 +311,9 @@ def train_model(config: PipelineConfig, model_name: str, mask_dir: Path, out_dir
     runtime.seed_everything(_mix(config.seed, model_name, "init") % 2**31)
     options = dict(cfg.model_options.get(model_name, {}))
     backbone = options.pop("backbone", cfg.backbone)  # per-model override, e.g. SETR: vit_large
+    if "img_size" in builder_options(model_name) and "img_size" not in options:
+        # SETR stores its position embeddings for the training crop (saved with the options)
+        options["img_size"] = crop_img_size(backbone, cfg.crop_size)
     model = build_segmentor(model_name, num_classes, backbone=backbone, pretrained=cfg.pretrained,
                             **options)
     model.to(device)

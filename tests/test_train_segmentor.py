@@ -264,6 +264,25 @@ def test_stage_trains_each_model_into_own_dir(base, tmp_path):
     assert "fcn loss" in result.metrics["headline"] and result.files["pspnet"] == "pspnet/model.pt"
 
 
+def test_setr_position_embeddings_sized_for_the_crop(base, tmp_path):
+    """SETR's img_size follows the crop (rounded up to the 16-px patch: 40 -> 48, a 3x3 grid),
+    is saved with the options and rebuilt by load_trained."""
+    _, config, dataset, masks = base
+    options = {"setr_naive": {"backbone": "vit_tiny", "channels": 8}}
+    config = config.model_copy(update={"segmentor": config.segmentor.model_copy(update={
+        "models": ["setr_naive"], "model_options": options, "iterations": 1, "crop_size": 40})})
+    ts.run(config, {"refine_crf": StageResult("refine_crf", "k", str(masks))}, tmp_path, MemoryTracker())
+    model, state = ts.load_trained(tmp_path / "setr_naive" / ts.MODEL_FILE, dataset.num_classes)
+    assert state["options"]["img_size"] == 48
+    assert model.backbone.encoder.pos_embedding.shape[1] == 1 + 3 * 3
+    explicit = {"setr_naive": {**options["setr_naive"], "img_size": 64}}  # an explicit one is kept
+    config = config.model_copy(update={"segmentor": config.segmentor.model_copy(update={
+        "model_options": explicit})})
+    ts.run(config, {"refine_crf": StageResult("refine_crf", "k", str(masks))}, tmp_path / "b", MemoryTracker())
+    _, state = ts.load_trained(tmp_path / "b" / "setr_naive" / ts.MODEL_FILE, dataset.num_classes)
+    assert state["options"]["img_size"] == 64
+
+
 @pytest.mark.slow
 def test_parallel_processes_match_in_process(base, tmp_path):
     """``parallel=True`` trains in child processes; same config -> same weights and logs."""

@@ -22,6 +22,7 @@ Contract of a :class:`Segmentor` (what stage 4 and stage 5 rely on):
 """
 
 import importlib
+import inspect
 import pkgutil
 from typing import Callable, Mapping
 
@@ -86,6 +87,15 @@ def _import_all() -> None:
 def available() -> list[str]:
     _import_all()
     return sorted(SEGMENTORS)
+
+
+def builder_options(name: str) -> set[str]:
+    """The keyword options the builder of segmentor ``name`` takes (besides the class count,
+    backbone and ``pretrained``)."""
+    _import_all()
+    if name not in SEGMENTORS:
+        raise ValueError(f"unknown segmentor {name!r}; available: {', '.join(sorted(SEGMENTORS))}")
+    return set(inspect.signature(SEGMENTORS[name]).parameters) - {"num_classes", "backbone", "pretrained"}
 
 
 def build_segmentor(name: str, num_classes: int, backbone: str = "resnet101",

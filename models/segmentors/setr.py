@@ -22,6 +22,9 @@ Notation: ``F_l`` = output of transformer layer ``l`` as a ``(D, H/16, W/16)`` m
 
 Inputs whose sides are not multiples of 16 are zero-padded by the encoder; every output is
 cropped back to the part covering the input, so logits stay aligned with the labels.
+The position embeddings are stored for ``img_size`` (mmseg's configs: the training crop);
+stage 4 sets it from ``segmentor.crop_size`` (rounded up to the patch, :func:`crop_img_size`)
+unless the model's options give one, so training crops need no interpolation.
 
 Losses: ``L = CE(y) + 0.4 * sum_i CE(y_aux_i)`` (the paper's and mmseg's 0.4), keys
 ``decode.loss_ce``, ``aux_0.loss_ce`` ... in mmseg's naming.
@@ -169,6 +172,14 @@ class SETR(Segmentor):
             outputs = {k: v[..., :math.ceil(v.shape[-2] * h / hp), :math.ceil(v.shape[-1] * w / wp)]
                        for k, v in outputs.items()}
         return outputs
+
+
+def crop_img_size(backbone: str, crop_size: int) -> int:
+    """``img_size`` for training on ``crop_size``-px crops: mmseg's SETR configs set it to the
+    crop size; here the crop rounded up to the backbone's patch size, the grid of the padded
+    input, so that training needs no position-embedding interpolation."""
+    patch = VIT_ARCHS[resolve_vit_name(backbone)].patch_size
+    return -(-int(crop_size) // patch) * patch
 
 
 def _encoder(backbone, pretrained, img_size, fractions, out_indices, drop_rate, weights) -> ViTEncoder:
