@@ -67,12 +67,8 @@ def stage_seconds(workdir: Path) -> dict[str, float]:
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds (user + system) of ``pid`` and its live descendants, with their reaped
     children; 0 for a process that is gone."""
-    total = 0.0
-    for member in [pid] + [child for child, _ in services.descendants(pid)]:
-        fields = services._stat_fields(member)
-        if fields:
-            total += sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-    return total
+    return sum(services.cpu_seconds(member)
+               for member in [pid] + [child for child, _ in services.descendants(pid)])
 
 
 def children_cpu_seconds() -> float:

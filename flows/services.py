@@ -131,6 +131,13 @@ def _stat_fields(pid: int) -> list[str] | None:
     return stat[stat.rindex(")") + 2:].split()
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and of the children it has reaped; 0 for a
+    process that is gone."""
+    fields = _stat_fields(pid)
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK") if fields else 0.0
+
+
 def descendants(pid: int) -> list[tuple[int, str]]:
     """Live descendants of ``pid`` as (pid, start time), found through the parent links in
     /proc. They matter because a Prefect worker starts each flow run in a new session, out

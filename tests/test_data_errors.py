@@ -1,32 +1,17 @@
 """One test per bad-input case of the datasets: a DatasetError naming the file/field."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline.config import DataConfig, SyntheticConfig
-from pipeline.data import DatasetError, build_dataset, generate_synthetic, voc_dataset
+from pipeline.data import DatasetError, build_dataset, voc_dataset
 from pipeline.data.coco import coco_dataset
 from pipeline.data.palette import save_label_png
 
 SYN = SyntheticConfig(num_classes=3, num_train=4, num_val=3, image_size=32, seed=11)
-
-
-@pytest.fixture(scope="module")
-def generated(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad") / "tree"
-    generate_synthetic(root, SYN)
-    return root
-
-
-@pytest.fixture
-def tree(generated, tmp_path):
-    root = tmp_path / "tree"
-    shutil.copytree(generated, root)
-    return root
 
 
 def test_missing_dataset_root(tmp_path):

@@ -1,6 +1,5 @@
 """VOC reader on a VOC-layout tree written by the synthetic generator (+ an SBD-aug variant)."""
 
-import shutil
 
 import numpy as np
 import pytest
@@ -9,25 +8,10 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from pipeline.config import DataConfig, SyntheticConfig
-from pipeline.data import DatasetError, build_dataset, generate_synthetic, labels_from_mask, voc_dataset
+from pipeline.data import DatasetError, build_dataset, labels_from_mask, voc_dataset
 from pipeline.data.palette import read_label_png, save_label_png
 
 SYN = SyntheticConfig(num_classes=3, num_train=6, num_val=4, image_size=32, seed=3)
-
-
-@pytest.fixture(scope="module")
-def generated(tmp_path_factory):
-    root = tmp_path_factory.mktemp("voc") / "tree"
-    generate_synthetic(root, SYN)
-    return root
-
-
-@pytest.fixture
-def tree(generated, tmp_path):
-    """A private copy the test may modify."""
-    root = tmp_path / "tree"
-    shutil.copytree(generated, root)
-    return root
 
 
 def test_voc_reader_on_generated_tree(generated):

@@ -159,3 +159,17 @@ def test_spawn_lowers_priority_of_the_service_and_its_children(tmp_path):
         assert os.getpriority(os.PRIO_PROCESS, child) == min(base + 7, 19)
     finally:
         services.stop_service(service)
+
+
+def test_cpu_seconds_counts_the_process_and_its_reaped_children():
+    child = subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                            "while time.process_time() - t < 0.3: pass"])
+    assert child.returncode == 0
+    usage = os.times()
+    mine = usage.user + usage.system + usage.children_user + usage.children_system
+    # /proc counts in clock ticks: equal to os.times() up to a tick or two
+    assert services.cpu_seconds(os.getpid()) == pytest.approx(mine, abs=0.05)
+    assert services.cpu_seconds(os.getpid()) >= 0.3
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert services.cpu_seconds(dead.pid) == 0.0
