@@ -137,9 +137,10 @@ class MapsConfig(StrictModel):
 class CRFConfig(StrictModel):
     """Stage 3: dense-CRF refinement of the maps into pseudo-masks.
 
-    ``preset`` picks a peer code base's parameters (``stages.refine_crf.PRESETS``: psa, irn,
+    ``preset`` picks a peer code base's parameters (``pipeline.crf_params.PRESETS``: psa, irn,
     clip_es, toco); every field below that is set (not None) overrides the preset's value
-    (``stages.refine_crf.resolve_params`` merges them and documents each parameter)."""
+    (``pipeline.crf_params.resolve_params`` merges them; ``stages.refine_crf`` documents each
+    parameter). Inconsistent combinations are rejected when the config is validated."""
 
     preset: Literal["psa", "irn", "clip_es", "toco"] = "psa"
     source: Literal["maps", "cams"] = Field(
@@ -183,6 +184,15 @@ class CRFConfig(StrictModel):
     chunk_size: int = Field(16, ge=1, description="images per work unit")
     dask_address: Optional[str] = Field(None, description="scheduler address of a Dask cluster to "
                                         "run the chunks on (instead of local processes)")
+
+    @model_validator(mode="after")
+    def _consistent_with_preset(self):
+        """The preset merged with the set fields must make sense (e.g. no constant-background
+        threshold on a power-background preset): checked here, not when stage 3 starts."""
+        from pipeline.crf_params import resolve_params
+
+        resolve_params(self)
+        return self
 
 
 # --------------------------------------------------------------------------- stage 4

@@ -102,3 +102,14 @@ def test_cli_config_prints_and_reports_errors(capsys):
     assert json.loads(capsys.readouterr().out)["seed"] == 5
     assert cli_main(["config", "--set", "crf.iterations=x"]) == 2
     assert "crf.iterations" in capsys.readouterr().err
+
+
+def test_crf_combination_checked_at_load_time():
+    """A preset switch that leaves the other preset's thresholds set fails when the config
+    is loaded (not when stage 3 starts), naming the fields and the fix."""
+    with pytest.raises(ConfigError, match=r"crf: .*bg_low_threshold.*bg_threshold and crf.bg_low_threshold to null"):
+        load_config("demo", ["crf.preset=psa"])  # the demo preset is irn with its thresholds
+    fixed = load_config("demo", ["crf.preset=psa", "crf.bg_threshold=null", "crf.bg_low_threshold=null"])
+    assert fixed.crf.preset == "psa" and fixed.crf.bg_low_threshold is None
+    with pytest.raises(ConfigError, match=r"crf.alpha_high .* must be >= crf.alpha"):
+        load_config("voc", ["crf.alpha=8", "crf.alpha_high=2"])
