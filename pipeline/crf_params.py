@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class CRFParams:
-    """Resolved CRF parameters (see the module docstring for the equations)."""
+    """Resolved CRF parameters (the equations they enter: :mod:`stages.refine_crf`)."""
 
     iterations: int = 10                  # mean-field steps
     unary: str = "scores"                 # "scores" (-log S) or "labels" (argmax S, gt_prob)

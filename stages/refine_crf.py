@@ -72,7 +72,7 @@ import pydensecrf.densecrf as dcrf
 from PIL import Image, UnidentifiedImageError
 from pydensecrf.utils import unary_from_labels, unary_from_softmax
 
-from pipeline.config import CRFConfig, PipelineConfig, flatten
+from pipeline.config import PipelineConfig, flatten
 from pipeline.crf_params import PRESETS, CRFParams, resolve_params  # noqa: F401 (re-exported)
 from pipeline.data.palette import read_label_png, save_label_png
 from pipeline.maps_io import MapFileError, load_maps, map_path
