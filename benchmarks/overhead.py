@@ -99,8 +99,14 @@ class DirectRun:
         _, status, usage = os.wait4(self.process.pid, 0)
         self.seconds = time.perf_counter() - self.start
         self.cpu_seconds = usage.ru_utime + usage.ru_stime  # its own and its children's
-        self.reaped_at = time.monotonic()
         self.process.returncode = os.waitstatus_to_exitcode(status)
+
+    def ended(self) -> bool:
+        return not self._reaper.is_alive()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self._reaper.join()
 
     def finish(self) -> tuple[float, float, Path]:
         """Seconds, CPU seconds and the work directory."""
@@ -127,7 +133,7 @@ def run_deployment(home: Path, base: Path, overrides: list[str], index: int,
         raise SystemExit(f"prefect deployment run failed:\n{output[-3000:]}")
     cpu = {name: tree_cpu_seconds(pid) - before[name] for name, pid in pids.items()}
     cpu["watching CLI"] = children_cpu_seconds() - cli_cpu0
-    if beside is not None and getattr(beside, "reaped_at", float("inf")) < time.monotonic():
+    if beside is not None and beside.ended():
         cpu["watching CLI"] -= beside.cpu_seconds  # reaped meanwhile: in RUSAGE_CHILDREN too
     summary = cli.read_summary(config, run_id)
     run = services.api_request(f"{state['prefect'].url}/api/flow_runs/{run_id}", "GET")
@@ -148,7 +154,7 @@ def main(argv=None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--home", default=None, help="services home (default: temporary)")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="pairs of runs, direct and deployment alternating (default 1)")
+                        help="pairs of runs (default 1); the median ratio is printed")
     parser.add_argument("--concurrent", action="store_true",
                         help="start both sides of a pair together, each pinned to its own core "
                              "(the deployment's services on its core): the machine's drift "
@@ -194,8 +200,7 @@ def main(argv=None) -> int:
                 direct_run = None
         finally:
             if direct_run:
-                direct_run.process.kill()
-                direct_run._reaper.join()
+                direct_run.kill()
             services.down(home, say=lambda s: None)
             os.sched_setaffinity(0, set(cpus))
         ratios.append(through / direct)

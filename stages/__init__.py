@@ -109,10 +109,9 @@ def run_stage(name: str, config: PipelineConfig, upstream: Mapping[str, StageRes
     out_dir.mkdir(parents=True, exist_ok=True)
     clean_temp_files(out_dir)
     module = importlib.import_module(spec.module)
-    if config.threads:
-        from pipeline.runtime import apply_threads
+    from pipeline.runtime import apply_threads  # torch, which the stage module just imported
 
-        apply_threads(config.threads)
+    apply_threads(config.threads)
     start = time.time()
     result: StageResult = module.run(config, upstream, out_dir, tracker)
     result.duration_s = time.time() - start

@@ -89,21 +89,24 @@ def available() -> list[str]:
     return sorted(SEGMENTORS)
 
 
-def builder_options(name: str) -> set[str]:
-    """The keyword options the builder of segmentor ``name`` takes (besides the class count,
-    backbone and ``pretrained``)."""
+def _builder(name: str) -> Callable[..., "Segmentor"]:
+    """The registered constructor of ``name``; unknown names list the registry."""
     _import_all()
     if name not in SEGMENTORS:
         raise ValueError(f"unknown segmentor {name!r}; available: {', '.join(sorted(SEGMENTORS))}")
-    return set(inspect.signature(SEGMENTORS[name]).parameters) - {"num_classes", "backbone", "pretrained"}
+    return SEGMENTORS[name]
+
+
+def builder_options(name: str) -> set[str]:
+    """The keyword options the builder of segmentor ``name`` takes (besides the class count,
+    backbone and ``pretrained``)."""
+    return set(inspect.signature(_builder(name)).parameters) - {"num_classes", "backbone", "pretrained"}
 
 
 def build_segmentor(name: str, num_classes: int, backbone: str = "resnet101",
                     pretrained: bool = False, **options) -> Segmentor:
     """Build a registered segmentor; unknown names list the registry."""
-    _import_all()
-    if name not in SEGMENTORS:
-        raise ValueError(f"unknown segmentor {name!r}; available: {', '.join(sorted(SEGMENTORS))}")
+    builder = _builder(name)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    return SEGMENTORS[name](num_classes=num_classes, backbone=backbone, pretrained=pretrained, **options)
+    return builder(num_classes=num_classes, backbone=backbone, pretrained=pretrained, **options)
