@@ -260,7 +260,7 @@ class EvaluationConfig(StrictModel):
     stride: int = Field(341, ge=1)
     crf: bool = False
     map_threshold: Optional[float] = Field(None, ge=0, le=1, description="fixed bg threshold (None: sweep)")
-    previews: int = Field(8, ge=0, description="overlay preview images to write")
+    previews: int = Field(8, ge=0, description="preview grids per segmentor and kind (evaluation split; images stages 2-3 covered)")
 
 
 # --------------------------------------------------------------------------- pipeline

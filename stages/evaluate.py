@@ -23,9 +23,12 @@ truth, columns = prediction), ground-truth 255 ignored, IoU per class, mIoU = me
 classes that occur. Segmentors never predict 255. Outputs in ``out_dir``: ``metrics.json``
 (scores, conventions, confusion matrices), ``per_class_iou.csv`` / ``.md`` (one column per
 scored product), and per segmentor ``<model>/confusion_matrix.json`` / ``.png``,
-``<model>/predictions/<id>.png`` (palette PNGs) and ``<model>/previews/<id>.png`` (image |
-prediction overlay | ground-truth overlay). Predictions already on disk are read back instead
-of recomputed, so an interrupted evaluation resumes.
+``<model>/predictions/<id>.png`` (palette PNGs), ``<model>/previews/<id>.png`` (image |
+prediction overlay | ground-truth overlay, first ``evaluation.previews`` images of the split)
+and ``<model>/pipeline_previews/<id>.png``: the whole chain on the first
+``evaluation.previews`` images that stages 2 and 3 covered (image | localization map |
+pseudo-mask | prediction | ground truth). Predictions already on disk are read back instead of
+recomputed and finished pipeline previews are kept, so an interrupted evaluation resumes.
 """
 
 import csv
@@ -45,6 +48,7 @@ from pipeline.data import build_dataset
 from pipeline.data.palette import read_label_png, save_label_png, voc_palette
 from pipeline.data.transforms import normalize
 from pipeline.map_eval import evaluate_maps
+from pipeline.maps_io import ImageMaps, load_maps, map_path
 from pipeline.mask_eval import evaluate_masks
 from pipeline.metrics import IGNORE_INDEX, ConfusionMatrix
 from pipeline.storage import StageResult, atomic_path, atomic_write_json, atomic_write_text
@@ -136,18 +140,54 @@ def colourise(mask: np.ndarray) -> np.ndarray:
     return palette[np.asarray(mask, dtype=np.uint8)]
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.6) -> np.ndarray:
-    """The image with the mask's colours blended in (background and 255 left as the image)."""
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.6, void: bool = False) -> np.ndarray:
+    """The image with the mask's colours blended in. Background is left as the image, and so
+    is 255 unless ``void`` (then it gets the palette's void colour, for pseudo-masks whose
+    unlabelled pixels are worth seeing)."""
     colours = colourise(mask).astype(np.float32)
-    keep = ((mask == 0) | (mask == IGNORE_INDEX))[..., None]
+    keep = (mask == 0) if void else ((mask == 0) | (mask == IGNORE_INDEX))
     blended = (1 - alpha) * image.astype(np.float32) + alpha * colours
-    return np.where(keep, image, blended).round().clip(0, 255).astype(np.uint8)
+    return np.where(keep[..., None], image, blended).round().clip(0, 255).astype(np.uint8)
+
+
+def map_overlay(image: np.ndarray, maps: ImageMaps, alpha: float = 0.8) -> np.ndarray:
+    """Localization maps drawn on the image: each pixel is tinted with the palette colour of
+    its strongest class map ``c* = argmax_c M_c(x)``, in proportion to that map's value
+    ``m(x) = max_c M_c(x)`` in [0, 1]::
+
+        out(x) = (1 - alpha * m(x)) * image(x) + alpha * m(x) * colour(c*(x))
+    """
+    if maps.maps.shape[-2:] != image.shape[:2]:
+        raise ValueError(f"localization maps of size {maps.maps.shape[-2:]} do not fit the image "
+                         f"{image.shape[:2]}")
+    if len(maps.classes) == 0:
+        return image.copy()
+    strongest = maps.maps.argmax(0)
+    weight = alpha * np.clip(maps.maps.max(0), 0.0, 1.0)[..., None]
+    colours = colourise(maps.classes[strongest]).astype(np.float32)
+    blended = (1 - weight) * image.astype(np.float32) + weight * colours
+    return blended.round().clip(0, 255).astype(np.uint8)
+
+
+def side_by_side(panels: Sequence[np.ndarray]) -> np.ndarray:
+    """Equal-height RGB panels left to right with 4-px white gaps."""
+    gap = np.full((panels[0].shape[0], 4, 3), 255, dtype=np.uint8)
+    row = [panels[0]]
+    for panel in panels[1:]:
+        row += [gap, panel]
+    return np.concatenate(row, axis=1)
 
 
 def preview_grid(image: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """``image | prediction overlay | ground-truth overlay`` side by side, 4-px white gaps."""
-    gap = np.full((image.shape[0], 4, 3), 255, dtype=np.uint8)
-    return np.concatenate([image, gap, overlay(image, pred), gap, overlay(image, gt)], axis=1)
+    """``image | prediction overlay | ground-truth overlay``."""
+    return side_by_side([image, overlay(image, pred), overlay(image, gt)])
+
+
+def pipeline_preview(image: np.ndarray, maps: ImageMaps, pseudo_mask: np.ndarray, pred: np.ndarray,
+                     gt: np.ndarray) -> np.ndarray:
+    """``image | localization map | pseudo-mask (void shown) | prediction | ground truth``."""
+    return side_by_side([image, map_overlay(image, maps), overlay(image, pseudo_mask, void=True),
+                         overlay(image, pred), overlay(image, gt)])
 
 
 def save_rgb_png(path: Path, array: np.ndarray) -> None:
@@ -245,6 +285,38 @@ def evaluate_segmentor(model_path: Path, dataset, cfg: EvaluationConfig, out_dir
     return summary
 
 
+def write_pipeline_previews(model_path: Path, dataset, maps_dir: Path, masks_dir: Path,
+                            cfg: EvaluationConfig, out_dir: Path, device: torch.device,
+                            crf_params=None) -> list[str]:
+    """``<out_dir>/pipeline_previews/<id>.png`` (:func:`pipeline_preview`) for the first
+    ``cfg.previews`` images of ``dataset`` (the split stages 2 and 3 covered) that have both a
+    localization map in ``maps_dir`` and a pseudo-mask in ``masks_dir``; the prediction is
+    made as in the evaluation. Previews already on disk are kept. Returns the image ids."""
+    chosen = []
+    for image_id in dataset.ids:
+        if len(chosen) >= cfg.previews:
+            break
+        if map_path(maps_dir, image_id).is_file() and (Path(masks_dir) / f"{image_id}.png").is_file():
+            chosen.append(image_id)
+    todo = [i for i in chosen if not (Path(out_dir) / "pipeline_previews" / f"{i}.png").is_file()]
+    if not todo:
+        return chosen
+    model, _ = load_trained(model_path, num_classes=dataset.num_classes, device=device)
+    for image_id in todo:
+        image = dataset.load_image(image_id)
+        maps = load_maps(map_path(maps_dir, image_id))
+        mask_path = Path(masks_dir) / f"{image_id}.png"
+        pseudo_mask = read_label_png(mask_path)
+        gt = dataset.load_mask(image_id)
+        for what, shape in ((map_path(maps_dir, image_id), maps.size), (mask_path, pseudo_mask.shape)):
+            if tuple(shape) != gt.shape:
+                raise ValueError(f"{what} has size {tuple(shape)}, image {image_id} {gt.shape}")
+        pred = predict_image(model, image, cfg, device, crf_params)
+        save_rgb_png(Path(out_dir) / "pipeline_previews" / f"{image_id}.png",
+                     pipeline_preview(image, maps, pseudo_mask, pred, gt))
+    return chosen
+
+
 # --------------------------------------------------------------------------- the stage
 def scored_train_split(config: PipelineConfig) -> str:
     """Split the maps and pseudo-masks are scored on (a subset of the split they cover)."""
@@ -311,6 +383,8 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
         scores[name] = evaluate_segmentor(seg_dir / name / MODEL_FILE, dataset, ev, out_dir / name,
                                           device, crf_params)
         scores[name]["split"] = split
+        write_pipeline_previews(seg_dir / name / MODEL_FILE, map_dataset, Path(upstream["generate_cams"].path),
+                                Path(upstream["refine_crf"].path), ev, out_dir / name, device, crf_params)
         child = tracker.child(name)
         child.log_metrics({"miou": scores[name]["miou"], "pixel_accuracy": scores[name]["pixel_accuracy"]})
         child.log_artifact(out_dir / name / "confusion_matrix.png")
@@ -331,4 +405,6 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
     files = {"metrics": "metrics.json", "table_csv": "per_class_iou.csv", "table_md": "per_class_iou.md"}
     files.update({f"{n}_confusion": f"{n}/confusion_matrix.png" for n in models})
     files.update({f"{n}_previews": f"{n}/previews" for n in models if ev.previews})
+    files.update({f"{n}_pipeline_previews": f"{n}/pipeline_previews" for n in models
+                  if (out_dir / n / "pipeline_previews").is_dir()})
     return StageResult(stage=NAME, key="", path=str(out_dir), metrics=metrics, files=files)

@@ -117,6 +117,31 @@ def test_overlay_and_grid():
     assert np.array_equal(out[0, 0], np.round(0.5 * 100 + 0.5 * np.array([128, 0, 0])).astype(np.uint8))
     grid = ev.preview_grid(image, mask, mask)
     assert grid.shape == (4, 5 * 3 + 8, 3)
+    assert np.all(grid[:, 5:9] == 255) and np.array_equal(grid[:, :5], image)
+    # void: the ignore label gets the palette's void colour (224, 224, 192)
+    shown = ev.overlay(image, mask, alpha=0.5, void=True)
+    assert np.array_equal(shown[1, 1], np.round(0.5 * 100 + 0.5 * np.array([224, 224, 192])).astype(np.uint8))
+    assert np.array_equal(shown[2, 2], image[2, 2])
+
+
+def test_map_overlay_tints_by_strongest_class():
+    from pipeline.maps_io import ImageMaps
+    image = np.full((2, 3, 3), 100, np.uint8)
+    maps = np.zeros((2, 2, 3), np.float32)
+    maps[0, 0, 0], maps[1, 0, 0] = 0.5, 0.25    # class 1 strongest at (0, 0), m = 0.5
+    maps[1, 0, 1] = 1.0                          # class 2 at (0, 1), m = 1
+    out = ev.map_overlay(image, ImageMaps(np.array([1, 2]), maps, maps), alpha=0.8)
+    red, green = np.array([128, 0, 0]), np.array([0, 128, 0])
+    assert np.array_equal(out[0, 0], np.round(0.6 * 100 + 0.4 * red).astype(np.uint8))
+    assert np.array_equal(out[0, 1], np.round(0.2 * 100 + 0.8 * green).astype(np.uint8))
+    assert np.array_equal(out[1], image[1])      # no activation: the image
+    empty = ImageMaps(np.zeros(0, np.int64), np.zeros((0, 2, 3), np.float32), np.zeros((0, 2, 3), np.float32))
+    assert np.array_equal(ev.map_overlay(image, empty), image)
+    with pytest.raises(ValueError, match="do not fit the image"):
+        ev.map_overlay(np.zeros((4, 4, 3), np.uint8), ImageMaps(np.array([1, 2]), maps, maps))
+    grid = ev.pipeline_preview(image, ImageMaps(np.array([1, 2]), maps, maps), np.zeros((2, 3), np.uint8),
+                               np.zeros((2, 3), np.uint8), np.zeros((2, 3), np.uint8))
+    assert grid.shape == (2, 5 * 3 + 4 * 4, 3)
 
 
 def test_confusion_image_and_tables(tmp_path):
@@ -195,6 +220,41 @@ def test_evaluate_segmentor_outputs(trained, tmp_path):
     again = ev.evaluate_segmentor(seg_dir / "fcn" / ts.MODEL_FILE, val, config.evaluation, tmp_path,
                                   torch.device("cpu"))
     assert again["confusion_matrix"] == summary["confusion_matrix"]
+
+
+def test_pipeline_previews_show_each_product_and_resume(trained, tmp_path):
+    from pipeline.maps_io import load_maps
+    root, config, masks, seg_dir = trained
+    train = build_dataset(config.data, config.data.train_split)
+    maps = gt_maps_dir(config, root)
+    mask_copy = tmp_path / "masks"
+    shutil.copytree(masks, mask_copy)
+    (mask_copy / f"{train.ids[0]}.png").unlink()  # the first image has no pseudo-mask: skipped
+    out = tmp_path / "fcn"
+    model_path = seg_dir / "fcn" / ts.MODEL_FILE
+    chosen = ev.write_pipeline_previews(model_path, train, maps, mask_copy, config.evaluation, out,
+                                        torch.device("cpu"))
+    assert chosen == train.ids[1:3]
+    assert sorted(p.stem for p in (out / "pipeline_previews").glob("*.png")) == chosen
+    image_id = chosen[0]
+    image, gt = train.load_image(image_id), train.load_mask(image_id)
+    model, _ = ts.load_trained(model_path, train.num_classes)
+    pred = ev.predict_image(model, image, config.evaluation, torch.device("cpu"))
+    expected = ev.side_by_side([image, ev.map_overlay(image, load_maps(maps / f"{image_id}.npy")),
+                                ev.overlay(image, read_label_png(mask_copy / f"{image_id}.png"), void=True),
+                                ev.overlay(image, pred), ev.overlay(image, gt)])
+    assert np.array_equal(np.asarray(Image.open(out / "pipeline_previews" / f"{image_id}.png")), expected)
+    # finished previews are kept: a rerun loads no model and rewrites nothing
+    stamp = (out / "pipeline_previews" / f"{image_id}.png").stat().st_mtime_ns
+    assert ev.write_pipeline_previews(tmp_path / "no-such-model.pt", train, maps, mask_copy,
+                                      config.evaluation, out, torch.device("cpu")) == chosen
+    assert (out / "pipeline_previews" / f"{image_id}.png").stat().st_mtime_ns == stamp
+    # a pseudo-mask of the wrong size is named
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(mask_copy / f"{train.ids[3]}.png")
+    shutil.rmtree(out)
+    evaluation = config.evaluation.model_copy(update={"previews": 3})
+    with pytest.raises(ValueError, match=rf"{train.ids[3]}\.png has size \(5, 5\)"):
+        ev.write_pipeline_previews(model_path, train, maps, mask_copy, evaluation, out, torch.device("cpu"))
 
 
 def test_crf_post_processing_runs(trained, tmp_path):
@@ -279,6 +339,8 @@ def test_two_segmentors_trained_on_masks_beat_chance(tmp_path):
         chance = stored["scores"][name]["all_background_miou"]
         assert m[f"{name}_miou"] > chance + 0.1, (name, m[f"{name}_miou"], chance)
         assert len(list((tmp_path / "eval" / name / "previews").glob("*.png"))) == 3
+        assert len(list((tmp_path / "eval" / name / "pipeline_previews").glob("*.png"))) == 3
+        assert result.files[f"{name}_pipeline_previews"] == f"{name}/pipeline_previews"
         assert (tmp_path / "eval" / name / "confusion_matrix.png").is_file()
     table = (tmp_path / "eval" / "per_class_iou.md").read_text()
     assert "| background |" in table and "sanet" in table and "pseudo_masks" in table
