@@ -224,6 +224,12 @@ def _per_class(summary: Mapping[str, Any]) -> Mapping[str, Any]:
     return summary.get("ignore_dropped", {}).get("per_class_iou", {})
 
 
+def per_class_metrics(summary: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    """``{prefix + class name: IoU}`` for the classes that have an IoU, for the tracker (so the
+    MLflow compare view lines up per-class IoU across runs and segmentors)."""
+    return {f"{prefix}{name}": float(v) for name, v in _per_class(summary).items() if v is not None}
+
+
 def per_class_rows(class_names: Sequence[str], scores: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
     """Header + one row per class + an mIoU row; one column per scored product."""
     header = ["class"] + list(scores)
@@ -386,7 +392,8 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
         write_pipeline_previews(seg_dir / name / MODEL_FILE, map_dataset, Path(upstream["generate_cams"].path),
                                 Path(upstream["refine_crf"].path), ev, out_dir / name, device, crf_params)
         child = tracker.child(name)
-        child.log_metrics({"miou": scores[name]["miou"], "pixel_accuracy": scores[name]["pixel_accuracy"]})
+        child.log_metrics({"miou": scores[name]["miou"], "pixel_accuracy": scores[name]["pixel_accuracy"],
+                           **per_class_metrics(scores[name], "iou/")})
         child.log_artifact(out_dir / name / "confusion_matrix.png")
 
     write_tables(out_dir, per_class_rows(dataset.class_names, scores))
@@ -399,7 +406,9 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
                            f"{100 * metrics['pseudo_mask_miou']:.1f} | "
                            + ", ".join(f"{n} {100 * scores[n]['miou']:.1f}" for n in models)
                            + f" mIoU ({split})")
-    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+    tracker.log_metrics({**{k: v for k, v in metrics.items() if isinstance(v, float)},
+                         **per_class_metrics(scores["maps"], "maps_iou/"),
+                         **per_class_metrics(scores["pseudo_masks"], "pseudo_mask_iou/")})
     for name in ("metrics.json", "per_class_iou.md"):
         tracker.log_artifact(out_dir / name)
     files = {"metrics": "metrics.json", "table_csv": "per_class_iou.csv", "table_md": "per_class_iou.md"}

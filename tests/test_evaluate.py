@@ -335,7 +335,12 @@ def test_two_segmentors_trained_on_masks_beat_chance(tmp_path):
     assert m["maps_miou"] == pytest.approx(1.0) and m["pseudo_mask_miou"] == pytest.approx(1.0)
     stored = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert stored["conventions"]["segmentor_split"] == "val"
+    logged = tracker.children["evaluate"]
+    assert logged.history("pseudo_mask_iou/background") == [pytest.approx(1.0)]
     for name in ("sanet", "deeplab_largefov"):
+        per_class = stored["scores"][name]["per_class_iou"]
+        assert {k: logged.children[name].history(f"iou/{k}") for k in per_class if per_class[k] is not None} \
+            == {k: [pytest.approx(v)] for k, v in per_class.items() if v is not None}
         chance = stored["scores"][name]["all_background_miou"]
         assert m[f"{name}_miou"] > chance + 0.1, (name, m[f"{name}_miou"], chance)
         assert len(list((tmp_path / "eval" / name / "previews").glob("*.png"))) == 3
