@@ -161,7 +161,12 @@ def test_deployment_run_outputs_and_mlflow(live, first_run):
     assert len(history) >= 2  # logged per iteration, in batches
     evaluate_run = children["evaluate"].info.run_id
     assert {"metrics.json", "manifest.json", "per_class_iou.md"} <= {a.path for a in client.list_artifacts(evaluate_run)}
-    assert "sanet/previews" in {a.path for a in client.list_artifacts(evaluate_run, "sanet")}
+    assert {"sanet/previews", "sanet/pipeline_previews"} <= {a.path for a in client.list_artifacts(evaluate_run, "sanet")}
+    scored = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{evaluate_run}'")
+    sanet_scores = next(r for r in scored if r.info.run_name == "sanet").data.metrics
+    assert sanet_scores["iou/background"] == pytest.approx(
+        json.loads((Path(results["evaluate"]["path"]) / "metrics.json").read_text())
+        ["scores"]["sanet"]["per_class_iou"]["background"])
     assert client.list_artifacts(children["train_segmentor"].info.run_id, "sanet")  # checkpoint
 
 
