@@ -298,29 +298,27 @@ def write_pipeline_previews(model_path: Path, dataset, maps_dir: Path, masks_dir
     ``cfg.previews`` images of ``dataset`` (the split stages 2 and 3 covered) that have both a
     localization map in ``maps_dir`` and a pseudo-mask in ``masks_dir``; the prediction is
     made as in the evaluation. Previews already on disk are kept. Returns the image ids."""
-    chosen = []
+    preview_dir = Path(out_dir) / "pipeline_previews"
+    inputs: dict[str, tuple[Path, Path]] = {}  # image id -> (map file, pseudo-mask file)
     for image_id in dataset.ids:
-        if len(chosen) >= cfg.previews:
+        if len(inputs) >= cfg.previews:
             break
-        if map_path(maps_dir, image_id).is_file() and (Path(masks_dir) / f"{image_id}.png").is_file():
-            chosen.append(image_id)
-    todo = [i for i in chosen if not (Path(out_dir) / "pipeline_previews" / f"{i}.png").is_file()]
-    if not todo:
-        return chosen
-    model, _ = load_trained(model_path, num_classes=dataset.num_classes, device=device)
+        files = (map_path(maps_dir, image_id), Path(masks_dir) / f"{image_id}.png")
+        if all(f.is_file() for f in files):
+            inputs[image_id] = files
+    todo = [i for i in inputs if not (preview_dir / f"{i}.png").is_file()]
+    if todo:
+        model, _ = load_trained(model_path, num_classes=dataset.num_classes, device=device)
     for image_id in todo:
-        image = dataset.load_image(image_id)
-        maps = load_maps(map_path(maps_dir, image_id))
-        mask_path = Path(masks_dir) / f"{image_id}.png"
-        pseudo_mask = read_label_png(mask_path)
-        gt = dataset.load_mask(image_id)
-        for what, shape in ((map_path(maps_dir, image_id), maps.size), (mask_path, pseudo_mask.shape)):
-            if tuple(shape) != gt.shape:
-                raise ValueError(f"{what} has size {tuple(shape)}, image {image_id} {gt.shape}")
+        map_file, mask_file = inputs[image_id]
+        maps, pseudo_mask = load_maps(map_file), read_label_png(mask_file)
+        image, gt = dataset.load_image(image_id), dataset.load_mask(image_id)
+        for path, size in ((map_file, maps.size), (mask_file, pseudo_mask.shape)):
+            if tuple(size) != gt.shape:
+                raise ValueError(f"{path} has size {tuple(size)}, image {image_id} {gt.shape}")
         pred = predict_image(model, image, cfg, device, crf_params)
-        save_rgb_png(Path(out_dir) / "pipeline_previews" / f"{image_id}.png",
-                     pipeline_preview(image, maps, pseudo_mask, pred, gt))
-    return chosen
+        save_rgb_png(preview_dir / f"{image_id}.png", pipeline_preview(image, maps, pseudo_mask, pred, gt))
+    return list(inputs)
 
 
 # --------------------------------------------------------------------------- the stage
