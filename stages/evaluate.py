@@ -255,10 +255,12 @@ def write_tables(out_dir: Path, rows: list[list[str]]) -> None:
 
 # --------------------------------------------------------------------------- one segmentor
 def evaluate_segmentor(model_path: Path, dataset, cfg: EvaluationConfig, out_dir: Path,
-                       device: torch.device, crf_params=None) -> dict[str, Any]:
+                       device: torch.device, crf_params=None, model=None) -> dict[str, Any]:
     """Score one trained segmentor on ``dataset`` (its ground-truth masks); writes
-    predictions, previews and the confusion matrix into ``out_dir``."""
-    model, state = load_trained(model_path, num_classes=dataset.num_classes, device=device)
+    predictions, previews and the confusion matrix into ``out_dir``. ``model``: the segmentor
+    already loaded from ``model_path`` (loaded here when not given)."""
+    if model is None:
+        model, _ = load_trained(model_path, num_classes=dataset.num_classes, device=device)
     cm = ConfusionMatrix(dataset.num_classes)
     all_background = ConfusionMatrix(dataset.num_classes)
     pred_dir, preview_dir = out_dir / "predictions", out_dir / "previews"
@@ -293,11 +295,13 @@ def evaluate_segmentor(model_path: Path, dataset, cfg: EvaluationConfig, out_dir
 
 def write_pipeline_previews(model_path: Path, dataset, maps_dir: Path, masks_dir: Path,
                             cfg: EvaluationConfig, out_dir: Path, device: torch.device,
-                            crf_params=None) -> list[str]:
+                            crf_params=None, model=None) -> list[str]:
     """``<out_dir>/pipeline_previews/<id>.png`` (:func:`pipeline_preview`) for the first
     ``cfg.previews`` images of ``dataset`` (the split stages 2 and 3 covered) that have both a
     localization map in ``maps_dir`` and a pseudo-mask in ``masks_dir``; the prediction is
-    made as in the evaluation. Previews already on disk are kept. Returns the image ids."""
+    made as in the evaluation. Previews already on disk are kept. ``model``: the segmentor
+    already loaded from ``model_path`` (loaded here, only if a preview is due, when not
+    given). Returns the image ids."""
     preview_dir = Path(out_dir) / "pipeline_previews"
     inputs: dict[str, tuple[Path, Path]] = {}  # image id -> (map file, pseudo-mask file)
     for image_id in dataset.ids:
@@ -307,7 +311,7 @@ def write_pipeline_previews(model_path: Path, dataset, maps_dir: Path, masks_dir
         if all(f.is_file() for f in files):
             inputs[image_id] = files
     todo = [i for i in inputs if not (preview_dir / f"{i}.png").is_file()]
-    if todo:
+    if todo and model is None:
         model, _ = load_trained(model_path, num_classes=dataset.num_classes, device=device)
     for image_id in todo:
         map_file, mask_file = inputs[image_id]
@@ -384,11 +388,14 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
     scores["pseudo_masks"] = {**masks, "split": map_split}
     crf_params = resolve_params(config.crf) if ev.crf else None
     for name in models:
-        scores[name] = evaluate_segmentor(seg_dir / name / MODEL_FILE, dataset, ev, out_dir / name,
-                                          device, crf_params)
+        model_path = seg_dir / name / MODEL_FILE
+        model, _ = load_trained(model_path, num_classes=dataset.num_classes, device=device)  # once for both
+        scores[name] = evaluate_segmentor(model_path, dataset, ev, out_dir / name, device, crf_params, model)
         scores[name]["split"] = split
-        write_pipeline_previews(seg_dir / name / MODEL_FILE, map_dataset, Path(upstream["generate_cams"].path),
-                                Path(upstream["refine_crf"].path), ev, out_dir / name, device, crf_params)
+        write_pipeline_previews(model_path, map_dataset, Path(upstream["generate_cams"].path),
+                                Path(upstream["refine_crf"].path), ev, out_dir / name, device, crf_params,
+                                model)
+        del model
         child = tracker.child(name)
         child.log_metrics({"miou": scores[name]["miou"], "pixel_accuracy": scores[name]["pixel_accuracy"],
                            **per_class_metrics(scores[name], "iou/")})

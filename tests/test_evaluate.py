@@ -284,6 +284,20 @@ def test_checkpoint_class_count_mismatch_is_refused(trained, tmp_path):
     assert not (tmp_path / "out" / "fcn").exists()
 
 
+def test_stage_loads_each_segmentor_once(trained, tmp_path, monkeypatch):
+    """Scoring and the pipeline previews share one loaded model per segmentor."""
+    root, config, masks, seg_dir = trained
+    loads, real = [], ev.load_trained
+    monkeypatch.setattr(ev, "load_trained", lambda path, **kw: loads.append(Path(path)) or real(path, **kw))
+    upstream = {"generate_cams": StageResult("generate_cams", "k", str(gt_maps_dir(config, root))),
+                "refine_crf": StageResult("refine_crf", "k", str(masks)),
+                "train_segmentor": StageResult("train_segmentor", "k", str(seg_dir))}
+    ev.run(config, upstream, tmp_path / "out")
+    assert loads == [seg_dir / "fcn" / ts.MODEL_FILE]
+    for kind in ("previews", "pipeline_previews"):
+        assert len(list((tmp_path / "out" / "fcn" / kind).glob("*.png"))) == config.evaluation.previews
+
+
 # --------------------------------------------------------------------------- acceptance
 def gt_maps_dir(config, root: Path) -> Path:
     """Stage 2 stand-in: per image, one map per present class = its ground-truth region."""
