@@ -63,6 +63,7 @@ import dataclasses
 import io
 import logging
 import multiprocessing
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -76,6 +77,7 @@ from pipeline.config import PipelineConfig, flatten
 from pipeline.crf_params import PRESETS, CRFParams, resolve_params  # noqa: F401 (re-exported)
 from pipeline.data.palette import read_label_png, save_label_png
 from pipeline.maps_io import MapFileError, load_maps, map_path
+from pipeline.processes import die_with_parent
 from pipeline.storage import StageResult, atomic_write_text, atomic_write_json, clean_temp_files
 from pipeline.tracking import NULL_TRACKER, Tracker
 
@@ -335,8 +337,8 @@ def refine_images(items: Sequence[WorkItem], params: CRFParams, workers: int = 1
                   chunk_size: int = 16, client: Any = None,
                   progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Refine many images in chunks: serially (``workers == 1``), in a process pool
-    (``workers > 1``; fork where available, else spawn) or on a Dask ``client``
-    (``dask.distributed.Client``).
+    (``workers > 1``; fork where available, else spawn; the workers die with this process,
+    see :mod:`pipeline.processes`) or on a Dask ``client`` (``dask.distributed.Client``).
     Every image is independent and pydensecrf is deterministic, so the files are identical
     whichever way runs them. Returns the per-image stats in ``items`` order; the first failing
     image raises (files already written stay, each written atomically)."""
@@ -362,7 +364,9 @@ def refine_images(items: Sequence[WorkItem], params: CRFParams, workers: int = 1
             client.cancel(futures)
     elif workers > 1 and len(chunks) > 1:
         context = multiprocessing.get_context(_start_method())
-        with cf.ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=context) as pool:
+        # workers end with this process, even when it is killed (kill -9 included)
+        with cf.ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=context,
+                                    initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(refine_chunk, chunk, params): i for i, chunk in enumerate(chunks)}
             try:
                 for future in cf.as_completed(futures):

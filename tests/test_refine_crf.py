@@ -321,6 +321,82 @@ def test_resume_after_kill_matches_uninterrupted_run(serial_output, synthetic_ro
     assert result.metrics["miou"] == pytest.approx(serial_output[1].metrics["miou"])
 
 
+# --------------------------------------------------------------------------- killed parent
+# stage 3 with two pool workers in a subprocess; each image takes 60 s, so the stage is
+# certainly running when the test kills it; every worker records its pid first
+_KILLED_PARENT_SCRIPT = r"""
+import os, sys, time
+from pathlib import Path
+
+import stages
+from pipeline import processes
+from pipeline.config import CRFConfig, DataConfig, PipelineConfig, SyntheticConfig
+from pipeline.storage import StageResult
+from stages import refine_crf
+
+root, maps, work, pids, mode = sys.argv[1:]
+if mode == "watchdog":                  # the portable fallback alone
+    processes.set_parent_death_signal = lambda *args: False
+original = refine_crf.refine_file
+
+def slow(item, params):
+    Path(pids, str(os.getpid())).touch()
+    time.sleep(60)
+    return original(item, params)
+
+refine_crf.refine_file = slow
+data = DataConfig(dataset="synthetic", root=root, synthetic=SyntheticConfig(
+    num_classes=3, num_train=8, num_val=2, image_size=48, seed=3))
+config = PipelineConfig(workdir=work, data=data, crf=CRFConfig(workers=2, chunk_size=1))
+upstream = {"generate_cams": StageResult(stage="generate_cams", key="maps0", path=maps)}
+stages.run_stage("refine_crf", config, upstream)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+@pytest.mark.parametrize("mode", ["pdeathsig", "watchdog"])
+def test_workers_die_with_a_killed_parent(synthetic_root, maps_dir, tmp_path, mode):
+    """kill -9 of the process running stage 3 (crf.workers=2): no worker outlives it, with
+    the parent-death signal and with the watchdog thread alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    parent = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT_SCRIPT, str(synthetic_root),
+                               str(maps_dir), str(tmp_path / "work"), str(pids), mode])
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 25
+        while len(workers) < 2 and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.1)
+            workers = [int(p.name) for p in pids.iterdir()]
+        assert len(workers) == 2, "the two workers did not start"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in workers if _alive(pid)], "workers outlived their parent"
+    finally:
+        parent.kill()
+        for pid in workers:          # never leave orphans behind, even when the test fails
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 # --------------------------------------------------------------------------- bad input
 @pytest.fixture
 def own_maps(synthetic_root, tmp_path):
