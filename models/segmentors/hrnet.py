@@ -12,8 +12,14 @@ Backbone (mmseg's ``HRNet``, child names as mmseg and the MSRA checkpoints):
   resolution), channel changes of existing branches from 3x3 conv + BN + ReLU;
 * fusion at the end of each module (exchange across resolutions): output branch i is
   ``ReLU(Σ_j T_ij(x_j))`` with ``T_ii = id``; for j > i ``T_ij`` = 1x1 conv + BN +
-  nearest ×2^(j-i) upsampling; for j < i ``T_ij`` = (i - j) 3x3 stride-2 convs + BN (ReLU
-  between them, none after the last).
+  bilinear ×2^(j-i) upsampling (``align_corners=False``), then a bilinear resize to x_i's
+  size where the two differ (odd sizes: ``⌈h/2⌉·2 ≠ h``); for j < i ``T_ij`` = (i - j) 3x3
+  stride-2 convs + BN (ReLU between them, none after the last). This is mmseg's fusion
+  exactly (its ``Upsample`` then ``resize``); bilinear upsampling by 2^k with
+  ``align_corners=False`` samples output pixel ``o`` at input coordinate
+  ``(o + 0.5) / 2^k - 0.5``, clamped to the border. The paper upsamples before the 1x1
+  conv; convolving first (mmseg, the official code) is the same map in eval mode (bilinear
+  interpolation commutes with a 1x1 conv and BN's per-channel affine) at 4^(j-i) x less work.
 
 W18: 18/36/72/144 (270-channel concatenation), W48: 48/96/192/384 (720).
 **HRNetV2 representation**: the four outputs bilinearly upsampled (``align_corners=False``,
@@ -122,6 +128,22 @@ def _make_layer(block, inplanes: int, planes: int, blocks: int, stride: int = 1)
     return nn.Sequential(*layers)
 
 
+class BilinearUpsample(nn.Module):
+    """Bilinear upsampling by an integer ``scale`` (``align_corners=False``) to
+    ``(scale·h, scale·w)``, as mmseg's ``Upsample(scale_factor=scale, mode='bilinear')``."""
+
+    def __init__(self, scale: int):
+        super().__init__()
+        self.scale = int(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        return F.interpolate(x, size=(h * self.scale, w * self.scale), mode="bilinear", align_corners=False)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+
 class HRModule(nn.Module):
     """Parallel branches of BasicBlocks followed by the multi-resolution fusion."""
 
@@ -141,7 +163,7 @@ class HRModule(nn.Module):
             for j in range(n):
                 if j > i:
                     row.append(nn.Sequential(_conv1x1(channels[j], channels[i]), nn.BatchNorm2d(channels[i]),
-                                             nn.Upsample(scale_factor=2 ** (j - i), mode="nearest")))
+                                             BilinearUpsample(2 ** (j - i))))
                 elif j == i:
                     row.append(None)
                 else:
@@ -163,14 +185,12 @@ class HRModule(nn.Module):
             return x
         out = []
         for i, row in enumerate(self.fuse_layers):
-            y = x[i]
-            for j in range(self.num_branches):
-                if j == i:
-                    continue
-                t = row[j](x[j])
-                if t.shape[-2:] != x[i].shape[-2:]:  # odd sizes: nearest x2^k overshoots
+            y = None
+            for j in range(self.num_branches):  # summed in branch order, as mmseg
+                t = x[j] if j == i else row[j](x[j])
+                if j > i and t.shape[-2:] != x[i].shape[-2:]:  # odd sizes: x2^k overshoots
                     t = F.interpolate(t, size=x[i].shape[-2:], mode="bilinear", align_corners=False)
-                y = y + t
+                y = t if y is None else y + t
             out.append(self.relu(y))
         return out
 
