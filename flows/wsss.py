@@ -11,9 +11,12 @@ completion marker). The flow adds orchestration only:
   it imports)`` checked against the completion marker *on disk* — so a "cache hit" whose
   files were deleted recomputes, which Prefect's own result cache cannot tell. Prefect task
   caching is therefore off (``NO_CACHE``); a reused stage ends in a ``Cached`` state;
-* a per-stage file lock (``<workdir>/.locks/<stage>-<key>.lock``): two flow runs with the
-  same config wait for each other instead of writing the same directory at once; runs with
-  different configs have different keys, hence different directories;
+* the per-stage file lock (``<workdir>/.locks/<stage>-<key>.lock``,
+  :func:`pipeline.storage.stage_lock`, the one ``stages.run_stage`` takes for every entry
+  point): the task takes it before it opens its MLflow child run, so two flow runs (or a
+  flow run and a ``wsss run``) with the same config wait for each other instead of writing
+  the same directory at once; runs with different configs have different keys, hence
+  different directories;
 * MLflow: one parent run per flow run (Prefect flow-run id, deployment, git commit, full
   config), one child run per stage with the parent id passed explicitly, one grandchild per
   segmentor (the stage calls ``tracker.child(model)``); a reused stage's child run is
@@ -26,8 +29,6 @@ Do not add ``from __future__ import annotations`` here: runs executed by ``serve
 worker would then fail to validate the pydantic ``config`` parameter.
 """
 
-import contextlib
-import fcntl
 import os
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ from flows.paths import home, project_root, resolve_workdir
 from flows.progress import FileCounter, Progress, StageTracker, StepCounter
 from pipeline.cli_run import format_summary
 from pipeline.config import PipelineConfig, flatten, preset
-from pipeline.storage import StageResult, atomic_write_json, is_complete, stage_dir
+from pipeline.storage import StageResult, atomic_write_json, is_complete, stage_dir, stage_lock
 from pipeline.tracking import NULL_TRACKER, Tracker
 from stages import STAGE_ORDER, STAGES, check_stage_names, needed_stages, run_stage, stage_config, stage_key
 
@@ -95,19 +96,6 @@ def _progress_for(name: str, config: PipelineConfig, out_dir: Path, flow_run_key
     return progress, steps, counter
 
 
-@contextlib.contextmanager
-def _stage_lock(workdir: Path, name: str, key: str):
-    """Exclusive lock for one stage output across processes (flow runs, workers)."""
-    lock_dir = Path(workdir) / ".locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{name}-{key}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 # ---------------------------------------------------------------------- the stage task
 def _run_stage_task(name: str, config: PipelineConfig, upstream: dict[str, StageResult],
                     force: bool = False, tracking: Optional[dict] = None,
@@ -117,7 +105,7 @@ def _run_stage_task(name: str, config: PipelineConfig, upstream: dict[str, Stage
     key = stage_key(config, name, {u: upstream[u].key for u in STAGES[name].upstream})
     out_dir = stage_dir(config.workdir, name, key)
     logger.info("%s: key %s -> %s", name, key, resolve_workdir(out_dir))
-    with _stage_lock(config.workdir, name, key):
+    with stage_lock(config.workdir, name, key, say=logger.warning):
         will_reuse = is_complete(out_dir) and not force
         inner = _stage_tracker(tracking, name, config)
         progress, steps, counter = (None, None, None) if will_reuse else \

@@ -34,7 +34,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     start = time.time()
     results = run_pipeline(config, stages=stages, force=args.force,
                            on_result=lambda r: print(f"[wsss] {r.stage}: {'cached' if r.cached else 'done'} "
-                                                     f"in {r.duration_s:.1f}s -> {r.path}", flush=True))
+                                                     f"in {r.duration_s:.1f}s -> {r.path}", flush=True),
+                           say=lambda text: print(f"[wsss] {text}", flush=True))
     print(format_summary(results.values()))
     print(f"total {time.time() - start:.1f}s")
     return 0

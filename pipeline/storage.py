@@ -12,23 +12,33 @@ Every file is written atomically (temp file in the same directory + ``os.replace
 directory gets a ``manifest.json`` and, written last, the completion marker ``COMPLETE``.
 :func:`open_stage_output` refuses a directory without the marker, so a half-finished stage is
 never mistaken for a result.
+
+:func:`stage_lock` is the one lock of a stage output (``<workdir>/.locks/<stage>-<key>.lock``):
+:func:`stages.run_stage`, which every entry point calls (``wsss run``, the Prefect flow, its
+deployments), holds it from the cache check to the completion marker, so two runs with the
+same config wait for each other instead of writing one directory at once.
 """
 
 import ast
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 COMPLETE_MARKER = "COMPLETE"
 MANIFEST = "manifest.json"
 PROJECT_PACKAGES = ("pipeline", "stages", "models")
+LOCK_DIR = ".locks"
+log = logging.getLogger(__name__)
 
 
 class IncompleteStageError(RuntimeError):
@@ -145,6 +155,59 @@ def provenance_key(config: Any, inputs: Mapping[str, str], code: str) -> str:
 
 def stage_dir(workdir: Path, stage: str, key: str) -> Path:
     return Path(workdir) / stage / key
+
+
+# --------------------------------------------------------------------------- locks
+_held_locks = threading.local()    # lock files this thread holds (the lock is reentrant per thread)
+
+
+def lock_path(workdir: Path, stage: str, key: str) -> Path:
+    return Path(workdir) / LOCK_DIR / f"{stage}-{key}.lock"
+
+
+def _lock_holder(handle) -> str:
+    handle.seek(0)
+    pid = handle.read().strip()
+    return f"pid {pid}" if pid else "another process"
+
+
+@contextlib.contextmanager
+def stage_lock(workdir: Path, stage: str, key: str,
+               say: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """Hold the exclusive lock of one stage output (``fcntl.flock`` on its lock file).
+
+    Other processes and other threads wait; a nested call in the thread that holds it passes
+    straight through (the Prefect task locks before it starts its tracker, then calls
+    :func:`stages.run_stage`, which locks again). While waiting it says once (``say``, default
+    a log warning) ``<stage>: waiting for <lock file> held by pid N``. The holder writes its
+    pid into the file; the lock dies with its process, so a killed run never leaves a stale
+    lock behind."""
+    path = lock_path(workdir, stage, key)
+    held = _held_locks.__dict__.setdefault("paths", set())
+    if path in held:
+        yield path
+        return
+    say = say or log.warning
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"{stage}: waiting for {path} held by {_lock_holder(handle)} (a run with the same "
+                "config); it continues when that one finishes this stage")
+            start = time.monotonic()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            say(f"{stage}: got the lock after {time.monotonic() - start:.1f}s")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        held.add(path)
+        try:
+            yield path
+        finally:
+            held.discard(path)
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------- atomic writes

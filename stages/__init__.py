@@ -9,8 +9,10 @@ Each stage module exposes::
 ``run`` writes its files into ``out_dir`` (resumably: finished items already there are
 skipped) and returns a :class:`~pipeline.storage.StageResult` with its headline metrics.
 The runner here owns the bookkeeping around it: the provenance key and output directory,
-cache hits, the manifest and the completion marker (written last). The Prefect flow calls
-:func:`run_stage` from one task per stage and adds nothing else.
+the stage lock (:func:`pipeline.storage.stage_lock`: two runs with the same config wait for
+each other), cache hits, the manifest and the completion marker (written last). ``wsss run``
+calls :func:`run_pipeline`; the Prefect flow calls :func:`run_stage` from one task per stage
+and adds nothing else.
 """
 
 import importlib
@@ -22,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from pipeline.config import PipelineConfig, config_to_dict
 from pipeline.storage import (StageResult, clean_temp_files, code_version, finish_stage,
-                              is_complete, provenance_key, read_manifest, stage_dir)
+                              is_complete, provenance_key, read_manifest, stage_dir, stage_lock)
 from pipeline.tracking import NULL_TRACKER, Tracker
 
 
@@ -93,19 +95,30 @@ def _cached_result(name: str, out_dir: Path) -> StageResult:
 
 
 def run_stage(name: str, config: PipelineConfig, upstream: Mapping[str, StageResult],
-              tracker: Tracker = NULL_TRACKER, force: bool = False) -> StageResult:
+              tracker: Tracker = NULL_TRACKER, force: bool = False,
+              say: Callable[[str], None] | None = None) -> StageResult:
     """Run one stage, or return its stored result when an identical one is complete.
 
     ``force`` deletes an existing output of the same key first. An interrupted output
     (no completion marker) is resumed: its finished files are kept and skipped by the stage.
+    Everything happens under the stage's lock, so a second run with the same config waits
+    (``say`` reports the wait) and then finds the output complete.
     """
     spec = STAGES[name]
     key = stage_key(config, name, {u: upstream[u].key for u in spec.upstream if u in upstream})
     out_dir = stage_dir(config.workdir, name, key)
-    if force and out_dir.exists():
-        shutil.rmtree(out_dir)
-    if is_complete(out_dir):
-        return _cached_result(name, out_dir)
+    with stage_lock(config.workdir, name, key, say=say):
+        if force and out_dir.exists():
+            shutil.rmtree(out_dir)
+        if is_complete(out_dir):
+            return _cached_result(name, out_dir)
+        return _compute(name, config, upstream, key, out_dir, tracker)
+
+
+def _compute(name: str, config: PipelineConfig, upstream: Mapping[str, StageResult], key: str,
+             out_dir: Path, tracker: Tracker) -> StageResult:
+    """Run the stage module into ``out_dir``, then write the manifest and the marker."""
+    spec = STAGES[name]
     out_dir.mkdir(parents=True, exist_ok=True)
     clean_temp_files(out_dir)
     module = importlib.import_module(spec.module)
@@ -138,16 +151,17 @@ def needed_stages(selected: Iterable[str]) -> list[str]:
 
 def run_pipeline(config: PipelineConfig, stages: Iterable[str] | None = None, force: bool = False,
                  tracker: Tracker = NULL_TRACKER,
-                 on_result: Callable[[StageResult], None] | None = None) -> dict[str, StageResult]:
+                 on_result: Callable[[StageResult], None] | None = None,
+                 say: Callable[[str], None] | None = None) -> dict[str, StageResult]:
     """Run the selected stages in order (default: all). Stages a selected stage depends on
     but that were not selected are reused when complete and computed otherwise; ``force``
-    applies to the selected stages only."""
+    applies to the selected stages only; ``say`` reports waits for a stage lock."""
     selected = set(check_stage_names(stages if stages is not None else STAGE_ORDER))
     results: dict[str, StageResult] = {}
     for name in needed_stages(selected):
         inputs = {u: results[u] for u in STAGES[name].upstream}
         results[name] = run_stage(name, config, inputs, tracker.child(name),
-                                  force=force and name in selected)
+                                  force=force and name in selected, say=say)
         if on_result:
             on_result(results[name])
     return results

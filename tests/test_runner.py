@@ -133,3 +133,85 @@ def test_threads_setting_reaches_the_stage_and_is_not_in_the_key(tmp_path, fake_
     assert runtime.cpu_threads(None) == len(os.sched_getaffinity(0))
     with pytest.raises(ValueError, match="threads"):
         config(tmp_path, "threads=0")
+
+
+# --------------------------------------------------------------------------- one lock
+# `wsss run` in a subprocess whose stage 1 waits for a gate file before training, so the
+# test decides when the first run may finish
+_GATED_RUN = r"""
+import sys, time
+from pathlib import Path
+
+import stages.train_classifier as stage
+
+gate, real = Path(sys.argv[1]), stage.run
+
+def gated(*args, **kwargs):
+    while not gate.exists():
+        time.sleep(0.05)
+    return real(*args, **kwargs)
+
+stage.run = gated
+from pipeline.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+TINY_CLASSIFIER = ["data.synthetic.num_train=8", "data.synthetic.num_val=2", "data.synthetic.num_classes=3",
+                   "data.synthetic.image_size=32", "classifier.image_size=32", "classifier.epochs=1",
+                   "classifier.batch_size=4", "classifier.feature_channels=8",
+                   "classifier.backbone_options={width: 4}", "classifier.lr_steps=[1]",
+                   "classifier.num_workers=0", "device=cpu", "threads=1"]
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_two_same_config_wsss_runs_wait_for_each_other(tmp_path):
+    """Two concurrent `wsss run` with one config: the second waits on the first's stage lock
+    (saying so, with the holder's pid), then reuses its complete output instead of training
+    again; both exit 0 and report the same output."""
+    import subprocess
+
+    from pipeline.data import generate_synthetic
+    from pipeline.storage import lock_path
+
+    cfg = config(tmp_path, f"data.root={tmp_path / 'data'}", *TINY_CLASSIFIER)
+    generate_synthetic(cfg.data.root, cfg.data.synthetic)
+    key = stages.stage_key(cfg, "train_classifier", {})
+    lock = lock_path(cfg.workdir, "train_classifier", key)
+    gate = tmp_path / "gate"
+    argv = ["run", "--stages", "train_classifier", "--set", f"workdir={tmp_path}",
+            "--set", f"data.root={tmp_path / 'data'}"] + [a for o in TINY_CLASSIFIER for a in ("--set", o)]
+
+    def start(name):
+        log = (tmp_path / f"{name}.log").open("w")
+        return subprocess.Popen([sys.executable, "-c", _GATED_RUN, str(gate), *argv],
+                                stdout=log, stderr=subprocess.STDOUT, text=True)
+
+    first = start("first")
+    try:
+        _wait_for(lambda: lock.is_file() and lock.read_text().strip() == str(first.pid), 90,
+                  "the first run to hold the stage lock")
+        second = start("second")
+        try:
+            _wait_for(lambda: "waiting for" in (tmp_path / "second.log").read_text(), 90,
+                      "the second run to wait")
+            gate.touch()
+            assert first.wait(90) == 0 and second.wait(90) == 0
+        finally:
+            second.kill()
+    finally:
+        gate.touch()
+        first.kill()
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in ("first", "second")}
+    assert f"held by pid {first.pid}" in logs["second"]
+    out_dir = Path(cfg.workdir) / "train_classifier" / key
+    assert f"train_classifier: done in" in logs["first"] and f"-> {out_dir}" in logs["first"]
+    assert f"train_classifier: cached in" in logs["second"] and f"-> {out_dir}" in logs["second"]
+    assert is_complete(out_dir)

@@ -90,3 +90,32 @@ def test_marker_written_after_manifest(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", spy)
     finish_stage(tmp_path, {"a": 1})
     assert order == ["manifest.json", COMPLETE_MARKER]
+
+
+def test_stage_lock_waits_names_the_holder_and_is_reentrant_per_thread(tmp_path):
+    import threading
+    import time
+
+    from pipeline.storage import lock_path, stage_lock
+
+    said, order = [], []
+    with stage_lock(tmp_path, "refine_crf", "k1") as path:
+        assert path == lock_path(tmp_path, "refine_crf", "k1")
+        assert path.read_text().strip() == str(os.getpid())
+        with stage_lock(tmp_path, "refine_crf", "k1"):          # nested in this thread: no wait
+            order.append("nested")
+
+        def other():
+            with stage_lock(tmp_path, "refine_crf", "k1", say=said.append):
+                order.append("other")
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        time.sleep(0.3)
+        order.append("released")
+        with stage_lock(tmp_path, "refine_crf", "k2", say=said.append):   # another key: no wait
+            pass
+    thread.join(5)
+    assert order == ["nested", "released", "other"]
+    assert said[0].startswith(f"refine_crf: waiting for {path} held by pid {os.getpid()}")
+    assert said[1].startswith("refine_crf: got the lock after")
