@@ -21,25 +21,38 @@ For an image pair (I_m, I_n) with multi-hot labels l_m, l_n over K foreground cl
   contrastive co-attention ``A_m^{m\\n} = 1 - B_m`` and contrastive features
   ``F_m^{m\\n} = F_m * A_m^{m\\n}`` (the image's *own* features, broadcast over channels),
   through the *same* ``phi``: ``s_m^{m\\n} = GAP(phi(F_m^{m\\n}))``.
-* Losses (all multi-label soft margin, weights 1):
-  ``L_basic  = CE(s_m, l_m) + CE(s_n, l_n)``
-  ``L_co-att = CE(s_m^{m∩n}, l_m ∩ l_n) + CE(s_n^{m∩n}, l_m ∩ l_n)``
-  ``L_con    = CE(s_m^{m\\n}, l_m \\ l_n) + CE(s_n^{m\\n}, l_n \\ l_m)``.
+* Losses (all multi-label soft margin MLSM, weights 1; MLSM(s, l) averages
+  ``-[l log sigmoid(s) + (1 - l) log sigmoid(-s)]`` over classes and rows):
+  ``L_basic  = MLSM([s_m; s_n], [l_m; l_n])``
+  ``L_co-att = MLSM([s_m^{m∩n}; s_n^{m∩n}], [l_m ∩ l_n; l_m ∩ l_n])``
+  ``L_con    = MLSM(s_m^{m\\n}, l_m \\ l_n) + MLSM(s_n^{m\\n}, l_n \\ l_m)``.
 
-Self-pairs (official): I_m is also paired with flip(I_m), a 0.75x and a 2x copy; for those
-only ``L_basic`` of the copy and ``L_co-att`` of both sides with l_m are used (the
-contrastive targets l_m \\ l_m are empty). No scaling of ``P`` (as in the code) by default;
+Loss averaging (official ``train.py``): each multilabel soft margin loss runs once over the
+concatenated rows, so ``L_basic = MLSM([s_m; s_n], [l_m; l_n])`` and ``L_co-att =
+MLSM([s_m^{m∩n}; s_n^{m∩n}], [l_m ∩ l_n; l_m ∩ l_n])`` are means over 2B rows, while the two
+contrastive terms are separate B-row means, each added only when *its own* side has some
+label the partner lacks (``(l_m \\ l_n).any()`` over the batch, and likewise for n).
+
+Self-pairs (official): I_m is also paired with flip(I_m), a 0.75x and a 2x copy (made from the
+original image, without colour jitter); for each, ``L_basic = MLSM([s_I; s_copy], [l_m; l_m])``
+and ``L_co-att = MLSM([s_I^{co}; s_copy^{co}], [l_m; l_m])`` (the contrastive targets
+l_m \\ l_m are empty and unused). No scaling of ``P`` (as in the code) by default;
 ``scale_affinity=True`` (config ``classifier.scale_affinity``, a deviation) uses
-``P / sqrt(C)`` as in scaled dot-product attention: the unscaled P of a from-scratch network
-has a spread of tens, so both softmaxes are near one-hot from the first steps.
+``P / sqrt(C)`` as in scaled dot-product attention. ``P`` and both softmaxes are computed in
+float32 under autocast (the official code has no AMP).
 
-Initialisation: new layers He-normal (fan-in), zero biases. Learning-rate groups (official):
-backbone weights 1x, backbone biases 2x, new weights 10x, new biases 20x (the new-layer
-factor is configurable, ``classifier.new_layer_lr_mult``; the demo's from-scratch tiny
-backbone uses 1x).
+Initialisation (``init="official"``, the official ``VGG_coattention._initialize_weights``):
+the extra convs and the CAM head ``phi_0`` are normal with std ``sqrt(2 / (k*k*C_out))`` (He,
+fan-out: 0.32 for the 512 -> 20 CAM head), zero biases; ``W_P``, ``phi`` and ``W_B`` keep
+PyTorch's default init (uniform, std ``1 / sqrt(3 C_in)``, 0.026 for C = 512), as the official
+``CoattentionModel`` creates them after the VGG init. ``init="kaiming_fan_in"`` (a deviation,
+config ``classifier.init``) draws every new layer He-normal with fan-in. Learning-rate groups
+(official): backbone weights 1x, backbone biases 2x, new weights 10x, new biases 20x (the
+new-layer factor is configurable, ``classifier.new_layer_lr_mult``; the demo's from-scratch
+tiny backbone uses 1x).
 """
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,18 +61,25 @@ from torch import nn
 from models.backbones import build_backbone
 
 
+INIT_SCHEMES = ("official", "kaiming_fan_in")
+
+
 class CoAttentionClassifier(nn.Module):
     """Backbone + extra convs + plain CAM head + co-attention branch (see module docstring)."""
 
     def __init__(self, num_classes: int, backbone: str = "vgg16", pretrained: bool = False,
                  feature_channels: int = 512, extra_convs: int = 3,
-                 backbone_options: Mapping | None = None, scale_affinity: bool = False):
+                 backbone_options: Mapping | None = None, scale_affinity: bool = False,
+                 init: str = "official"):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if init not in INIT_SCHEMES:
+            raise ValueError(f"init must be one of {', '.join(INIT_SCHEMES)}, got {init!r}")
         self.num_classes = num_classes
         self.backbone_name = backbone
         self.scale_affinity = bool(scale_affinity)
+        self.init = init
         self.backbone = build_backbone(backbone, pretrained=pretrained, **dict(backbone_options or {}))
         layers: list[nn.Module] = []
         cin = self.backbone.out_channels
@@ -72,10 +92,23 @@ class CoAttentionClassifier(nn.Module):
         self.w_p = nn.Linear(cin, cin, bias=False)                         # W_P
         self.class_conv = nn.Conv2d(cin, num_classes, 1, bias=False)       # phi (co-att, contrastive)
         self.w_b = nn.Conv2d(cin, 1, 1, bias=False)                        # W_B (gate)
-        for module in self.new_modules():
+        self.reset_new_layers()
+
+    def reset_new_layers(self) -> None:
+        """Initialise the new layers by ``self.init`` (module docstring): official = He
+        fan-out normal for the extra convs and the CAM head, PyTorch's default for W_P, phi
+        and W_B; kaiming_fan_in = He fan-in normal everywhere. Biases zero (He schemes)."""
+        he_layers = [self.extra, self.cam_head]
+        if self.init == "kaiming_fan_in":
+            he_layers += [self.w_p, self.class_conv, self.w_b]
+        else:
+            for layer in (self.w_p, self.class_conv, self.w_b):
+                layer.reset_parameters()
+        mode = "fan_out" if self.init == "official" else "fan_in"
+        for module in he_layers:
             for sub in module.modules():
                 if isinstance(sub, (nn.Conv2d, nn.Linear)):
-                    nn.init.kaiming_normal_(sub.weight, mode="fan_in", nonlinearity="relu")
+                    nn.init.kaiming_normal_(sub.weight, mode=mode, nonlinearity="relu")
                     if sub.bias is not None:
                         nn.init.zeros_(sub.bias)
 
@@ -102,13 +135,15 @@ class CoAttentionClassifier(nn.Module):
         hn, wn = f_n.shape[-2:]
         fm = f_m.flatten(2)                                   # (N, C, HW_m)
         fn = f_n.flatten(2)                                   # (N, C, HW_n)
-        p = torch.bmm(self.w_p(fm.transpose(1, 2)), fn)       # (N, HW_m, HW_n): (W_P f_m,i) . f_n,j
-        if self.scale_affinity:
-            p = p / c ** 0.5                                  # deviation: P / sqrt(C)
-        a_n = torch.softmax(p, dim=1)                         # over image m's positions
-        a_m = torch.softmax(p.transpose(1, 2), dim=1)         # over image n's positions
-        co_n = torch.bmm(fm, a_n).view(n, c, hn, wn)          # F_n^{m∩n} = F_m A_n
-        co_m = torch.bmm(fn, a_m).view(n, c, hm, wm)          # F_m^{m∩n} = F_n A_m
+        with torch.autocast(f_m.device.type, enabled=False):  # P unscaled: fp16 would overflow
+            fm32, fn32 = fm.float(), fn.float()
+            p = torch.bmm(F.linear(fm32.transpose(1, 2), self.w_p.weight.float()), fn32)
+            if self.scale_affinity:
+                p = p / c ** 0.5                              # deviation: P / sqrt(C)
+            a_n = torch.softmax(p, dim=1)                     # over image m's positions
+            a_m = torch.softmax(p.transpose(1, 2), dim=1)     # over image n's positions
+        co_n = torch.bmm(fm, a_n.to(fm.dtype)).view(n, c, hn, wn)   # F_n^{m∩n} = F_m A_n
+        co_m = torch.bmm(fn, a_m.to(fn.dtype)).view(n, c, hm, wm)   # F_m^{m∩n} = F_n A_m
         return co_m, co_n, a_m, a_n
 
     def class_maps(self, feats: torch.Tensor) -> torch.Tensor:
@@ -176,20 +211,34 @@ def _ce(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.multilabel_soft_margin_loss(scores.float(), target.float())
 
 
+def _ce_rows(scores: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One MLSM over the concatenated rows (the official code's ``cat`` before the loss)."""
+    return _ce(torch.cat(list(scores)), torch.cat(list(targets)))
+
+
 def mcis_losses(out: Mapping[str, torch.Tensor], l_m: torch.Tensor, l_n: torch.Tensor,
                 contrastive: bool = True) -> dict[str, torch.Tensor]:
-    """``L_basic``, ``L_co-att`` and (when ``contrastive`` and the pair output has them)
-    ``L_con-co-att`` for a batch of pairs (each term averaged over the batch)."""
+    """``L_basic``, ``L_co-att`` (each one MLSM over the 2B rows of both images) and, when
+    ``contrastive`` and the pair output has them, the two contrastive terms ``con_m`` =
+    MLSM(s_m^{m\\n}, l_m \\ l_n) and ``con_n`` (B-row means, weighted by the caller)."""
     shared, only_m, only_n = pair_targets(l_m, l_n)
-    losses = {"basic": _ce(out["s_m"], l_m) + _ce(out["s_n"], l_n),
-              "co_att": _ce(out["s_co_m"], shared) + _ce(out["s_co_n"], shared)}
+    losses = {"basic": _ce_rows([out["s_m"], out["s_n"]], [l_m, l_n]),
+              "co_att": _ce_rows([out["s_co_m"], out["s_co_n"]], [shared, shared])}
     if contrastive and "s_con_m" in out:
-        losses["con_co_att"] = _ce(out["s_con_m"], only_m) + _ce(out["s_con_n"], only_n)
+        losses["con_m"] = _ce(out["s_con_m"], only_m)
+        losses["con_n"] = _ce(out["s_con_n"], only_n)
     return losses
 
 
+def contrastive_switches(l_m: torch.Tensor, l_n: torch.Tensor) -> tuple[bool, bool]:
+    """Official per-side rule: side m's contrastive term counts when some pair of the batch
+    has a label of m that n lacks (``(l_m \\ l_n).any()``), side n's likewise."""
+    _, only_m, only_n = pair_targets(l_m, l_n)
+    return bool((only_m > 0).any()), bool((only_n > 0).any())
+
+
 def self_pair_losses(out: Mapping[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Self-pair (image, transformed copy): ``L_basic`` of the copy and ``L_co-att`` of both
-    sides, all with the image's own labels (official training script)."""
-    return {"basic": _ce(out["s_n"], labels),
-            "co_att": _ce(out["s_co_m"], labels) + _ce(out["s_co_n"], labels)}
+    """Self-pair (image, transformed copy), official: ``L_basic`` over the 2B rows of the
+    image and its copy, ``L_co-att`` over both co-attentive sides, all with the image's labels."""
+    return {"basic": _ce_rows([out["s_m"], out["s_n"]], [labels, labels]),
+            "co_att": _ce_rows([out["s_co_m"], out["s_co_n"]], [labels, labels])}

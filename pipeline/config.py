@@ -90,8 +90,13 @@ class ClassifierConfig(StrictModel):
     freeze_bn: bool = Field(False, description="keep backbone BatchNorm statistics and affine fixed")
     scale_affinity: bool = Field(False, description="divide the affinity P by sqrt(C) (deviation; "
                                  "official: unscaled)")
+    init: Literal["official", "kaiming_fan_in"] = Field(
+        "official", description="new-layer init. official: extra convs and CAM head He-normal "
+        "fan-out, W_P / class-aware conv / W_B PyTorch default; kaiming_fan_in (deviation): "
+        "He-normal fan-in everywhere")
     epochs: int = Field(15, ge=1)
-    batch_size: int = Field(5, ge=1, description="pairs per step")
+    batch_size: int = Field(5, ge=1, description="pairs per step, in total over all DDP processes "
+                            "(as segmentor.batch_size; official 5)")
     optimizer: Literal["sgd", "adamw"] = Field(
         "sgd", description="sgd (official: momentum, Nesterov) | adamw (deviation: the demo's "
                            "from-scratch tiny backbone barely learns with SGD in 300 steps)")
@@ -103,11 +108,16 @@ class ClassifierConfig(StrictModel):
     weight_decay: float = Field(5e-4, ge=0)
     lr_steps: list[int] = Field(default_factory=lambda: [5, 10], description="epochs where lr *= lr_gamma")
     lr_gamma: float = Field(0.1, gt=0, le=1)
-    image_size: int = Field(256, ge=32)
-    colour_jitter: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)
-    flip: bool = Field(True, description="random horizontal flip of training images")
+    image_size: int = Field(256, ge=32, description="training views are squashed to this square "
+                            "(official 256)")
+    colour_jitter: tuple[float, float, float, float] = Field(
+        (0.3, 0.3, 0.3, 0.1), description="brightness, contrast, saturation, hue of the training "
+        "views (official; the self-pair copies are never jittered)")
+    flip: bool = Field(False, description="random horizontal flip of the training views (deviation; "
+                       "official: none, the flip only enters through the flip self-pair)")
     contrastive_from_epoch: int = Field(2, ge=0, description="epoch (0-based) at which L_con-co-att joins")
-    self_pairs: bool = Field(True, description="also pair each image with flip / 0.75x / 2x copies")
+    self_pairs: bool = Field(True, description="also pair each image with its flip / 0.75x / 2x copies "
+                             "(official), made from the original image without jitter")
     random_partner_fraction: float = Field(0.0, ge=0, le=1, description="share of partners drawn at random")
     amp: bool = Field(True, description="mixed precision when CUDA is used")
     num_workers: int = Field(2, ge=0)
@@ -116,21 +126,46 @@ class ClassifierConfig(StrictModel):
 
 # --------------------------------------------------------------------------- stage 2
 class MapsConfig(StrictModel):
-    """Stage 2: localization maps averaged over related images."""
+    """Stage 2: localization maps averaged over related images.
+
+    ``protocol: official`` is the official ``test.py``: the image squashed to ``image_size``,
+    one view, candidates [flip self-pair (I's side), its flipped side, 0.75x and 2x copies'
+    sides, the related map] at feature resolution, the first always counted and the others
+    when sigmoid(mean) > 0.1, each max-normalised, summed over 5, upsampled (bicubic).
+    ``multiscale`` (ours) runs every (scale, flip) view of ``scales`` x ``flip`` for the related
+    map, uses I's side of the scaled self-pairs, always keeps the related map and normalises
+    after upsampling (see ``stages.generate_cams``)."""
 
     split: Optional[str] = Field(None, description="split to generate maps for (default: data.train_split)")
-    num_related: int = Field(3, ge=0, description="k related images sharing the class")
-    self_pairs: bool = True
-    scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
-    flip: bool = False
+    protocol: Literal["official", "multiscale"] = Field(
+        "official", description="official: the official test.py rule (one squashed view); "
+        "multiscale (ours): scales x flip views, see stages.generate_cams")
+    num_related: int = Field(3, ge=0, description="k related images sharing the class (official 3)")
+    self_pairs: bool = Field(True, description="flip / 0.75x / 2x self-pair candidates (official)")
+    scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1,
+                                description="multiscale protocol: view scales (official: [1.0] only)")
+    flip: bool = Field(False, description="multiscale protocol: add flipped views (official: none)")
     image_size: Optional[int] = Field(None, ge=16, description=(
-        "resize images to this square for the network (maps are resized back); None: native size"))
-    checkpoint_epoch: Optional[int] = Field(10, ge=1, description="classifier epoch to use (None: last)")
+        "resize images to this square for the network (maps are resized back). None: the "
+        "classifier's image_size under the official protocol (official 256), the native size "
+        "under multiscale"))
+    checkpoint_epoch: Optional[int] = Field(11, ge=1, description=(
+        "classifier checkpoint after this many epochs (1-based; the official test.sh loads "
+        "pascal_voc_epoch_10.pth, whose 10 is 0-based: the state after 11 epochs). None: the last"))
     batch_size: int = Field(8, ge=1)
     workers: int = Field(1, ge=1, description="processes on CPU")
     background_thresholds: list[float] = Field(
         default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)], min_length=1,
         description="background thresholds swept when scoring maps")
+
+    @model_validator(mode="after")
+    def _protocol_fields(self):
+        if self.protocol == "official":
+            if self.scales != [1.0] or self.flip:
+                raise ValueError("maps.scales / maps.flip apply to protocol 'multiscale'; the official "
+                                 "protocol uses one view (set maps.protocol=multiscale, or scales=[1.0] "
+                                 "and flip=false)")
+        return self
 
 
 # --------------------------------------------------------------------------- stage 3
@@ -283,6 +318,15 @@ class PipelineConfig(StrictModel):
     segmentor: SegmentorConfig = SegmentorConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
 
+    @model_validator(mode="after")
+    def _checkpoint_exists(self):
+        epoch = self.maps.checkpoint_epoch
+        if epoch is not None and epoch > self.classifier.epochs:
+            raise ValueError(f"maps.checkpoint_epoch={epoch}, but classifier.epochs={self.classifier.epochs} "
+                             f"writes checkpoints 1..{self.classifier.epochs} only (set "
+                             f"maps.checkpoint_epoch to one of them or null for the last)")
+        return self
+
 
 # --------------------------------------------------------------------------- presets
 def _preset_dict(name: str) -> dict[str, Any]:
@@ -292,7 +336,7 @@ def _preset_dict(name: str) -> dict[str, Any]:
             "workdir": "work/voc",
             "data": {"dataset": "voc", "root": "data/VOCdevkit/VOC2012", "train_split": "train_aug",
                      "val_split": "val"},
-            "maps": {"scales": [1.0, 0.5, 1.5, 2.0], "flip": True, "workers": 2},
+            "maps": {"workers": 2},
             "crf": {"preset": "psa", "workers": 2},
             "segmentor": {"models": ["deeplab_largefov", "sanet", "ocrnet", "danet"],
                           "backbone": "resnet101", "iterations": 20000, "batch_size": 16,
@@ -305,7 +349,7 @@ def _preset_dict(name: str) -> dict[str, Any]:
             "workdir": "work/coco",
             "data": {"dataset": "coco", "root": "data/coco", "train_split": "train", "val_split": "val",
                      "coco_year": 2014, "coco_classes": "all"},
-            "maps": {"split": "train", "scales": [1.0, 0.5, 1.5, 2.0], "flip": True, "workers": 2},
+            "maps": {"split": "train", "workers": 2},
             "crf": {"preset": "psa", "workers": 2},
             "segmentor": {"models": ["deeplab_largefov", "sanet"], "backbone": "resnet101",
                           "iterations": 80000, "batch_size": 16, "crop_size": 512},

@@ -1,24 +1,37 @@
 """Stage 2: localization maps averaged over related images (MCIS, Sun et al. ECCV 2020).
 
 For every image ``I`` of the split and each class ``c`` of its label, two maps at image size:
+the **MCIS map** (co-attention path) and the **plain CAM** ``relu(phi_0(F))_c`` of the same
+classifier (single-image path, the ablation), both in [0, 1]. ``k`` related images
+``R_1..R_k`` containing ``c`` are drawn with replacement, seeded per image (other than I when
+any exists; the official draw may pick I itself; fewer distinct ones when fewer exist, logged).
 
-* **plain CAM** (single-image path): ``relu(phi_0(F_v))_c`` for every view ``v`` (scale x
-  flip of ``config.maps``), resized bilinearly to the image, flipped back, averaged over the
-  views and divided by its maximum.
-* **MCIS map** (co-attention path), the official rule generalised to views:
+``maps.protocol: official`` (default) is the official ``Classifier/scripts/test.py``:
 
-  1. *related map*: ``k`` related images ``R_1..R_k`` that also contain ``c`` (drawn with
-     replacement, seeded per image; fewer distinct ones when fewer exist, logged). For each
-     view ``v`` the raw logits ``phi(F_I,v^{I∩R_j})_c`` (image I's co-attentive features with
-     partner R_j) are averaged over j, resized (bicubic) to the image and flipped back, then
-     averaged over the views;
+  * the image is squashed to ``image_size`` (the classifier's 256) and its copies to the
+    flip at 256, 192 (0.75x) and 512 (2x), all from the original image; one view, no TTA;
+  * candidates per class, at I's feature resolution (h, w) (32x32 for 256), in this order:
+    (I, flip I) I's side; (I, flip I) the copy's side flipped back; the 0.75x and 2x copies'
+    sides resized bicubic to (h, w); the related map = I's side ``phi(F_I^{I∩R_j})_c``
+    averaged over j (a class with no other image pairs I with itself);
+  * the first candidate always counts, every other only when ``sigmoid(mean) > 0.1``; each
+    counted map is ReLU'd and divided by ``max + 1e-8``, the sum divided by the number of
+    candidates (5); the result is resized bicubic to the image and clipped to [0, 1]
+    (the official code also quantises to uint8 PNGs: we keep float16);
+  * plain CAMs from the same squashed view (ReLU, bilinear to the image, max-normalised).
+
+``maps.protocol: multiscale`` (ours, for comparison):
+
+  1. *related map*: for each view ``v`` (``scales`` x ``flip``) the raw logits
+     ``phi(F_I,v^{I∩R_j})_c`` are averaged over j, resized (bicubic) to the image and flipped
+     back, then averaged over the views;
   2. *self-pair maps* (``self_pairs``), on I's base view: (I, flip I) both directions (the
-     flipped side flipped back), (I, 0.75x I) and (I, 2x I), I's side each;
-  3. every map is ReLU'd and divided by its maximum; the first always counts, every other
-     only when ``sigmoid(mean raw logit) > 0.1`` (the pair is confident class c is there);
-     the sum is divided by the number of maps (5 with self-pairs) and clipped to [0, 1].
-
-  With no related image and no self-pairs the image is paired with itself.
+     flipped side flipped back), (I, 0.75x I) and (I, 2x I), I's side each, the copies scaled
+     from the base view;
+  3. every map is ReLU'd and divided by its maximum *at image size*; the related map always
+     counts, every other only when ``sigmoid(mean raw logit) > 0.1``; the sum is divided by
+     the number of maps (5 with self-pairs) and clipped to [0, 1]; plain CAMs average the
+     views. With no related image and no self-pairs the image is paired with itself.
 
 The backbone runs **once per image per view**: partners use their base-view features
 (scale 1, no flip), computed once in a first pass and cached in ``_features/<id>.npy``
@@ -55,7 +68,8 @@ from pipeline.map_eval import evaluate_maps
 from pipeline.maps_io import MapFileError, load_maps, map_path, save_maps
 from pipeline.storage import StageResult, atomic_path, atomic_write_json
 from pipeline.tracking import NULL_TRACKER, Tracker
-from stages.train_classifier import CheckpointError, list_checkpoints, load_classifier
+from stages.train_classifier import (CheckpointError, list_checkpoints, load_classifier,
+                                     self_pair_views, squash)
 
 NAME = "generate_cams"
 FEATURE_DIR = "_features"
@@ -113,12 +127,15 @@ def config_views(scales: Sequence[float], flip: bool) -> list[View]:
 
 
 # --------------------------------------------------------------------------- network parts
-def network_input(image: np.ndarray, size: int | None) -> torch.Tensor:
-    """uint8 (H, W, 3) -> normalised (1, 3, h, w), resized to a ``size`` square if given."""
-    x = normalize(torch.from_numpy(image).permute(2, 0, 1))[None]
+def network_input(image: np.ndarray, size: int | None, flip: bool = False) -> torch.Tensor:
+    """uint8 (H, W, 3) -> normalised (1, 3, h, w), squashed to a ``size`` square if given
+    (antialiased bilinear on the uint8 image, as in training) and flipped when asked."""
+    x = torch.from_numpy(image).permute(2, 0, 1)
     if size is not None:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x
+        x = squash(x, size, flip)
+    elif flip:
+        x = torch.flip(x, dims=[2])
+    return normalize(x)[None]
 
 
 def view_input(x: torch.Tensor, view: View) -> torch.Tensor:
@@ -178,28 +195,17 @@ def mcis_maps(model: CoAttentionClassifier, feats: Mapping[View, torch.Tensor], 
     candidates: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = [[] for _ in classes]
 
     # 1. related map: raw logits averaged over partners, then over views
-    names = sorted({r for c in classes for r in related.get(c, [])})
-    if names:
-        related_sum = torch.zeros(len(classes), *size)
+    with_related = [c for c in classes if related.get(c)]
+    device = next(iter(feats.values())).device
+    if with_related:
+        related_sum = torch.zeros(len(with_related), *size, device=device)
         for view in views:
-            f_i = feats[view]
-            logits = {}
-            for shape in {tuple(partners[n].shape[-2:]) for n in names}:
-                group = [n for n in names if tuple(partners[n].shape[-2:]) == shape]
-                f_r = torch.cat([partners[n] for n in group])
-                co_i = model.co_attention(f_i.expand(len(group), -1, -1, -1), f_r)[0]
-                for n, maps in zip(group, model.class_maps(co_i)):
-                    logits[n] = maps
-            per_class = []
-            for idx, c in enumerate(classes):
-                chosen = related.get(c, [])
-                per_class.append(torch.stack([logits[n][c] for n in chosen]).mean(0) if chosen
-                                 else torch.zeros_like(next(iter(logits.values()))[0]))
-            related_sum += _to_image(torch.stack(per_class), size, view[1], "bicubic")
-        related_map = related_sum / len(views)
+            logits = related_logits(model, feats[view], with_related, related, partners)
+            related_sum += _to_image(logits, size, view[1], "bicubic")
+        related_map = dict(zip(with_related, related_sum / len(views)))
         for idx, c in enumerate(classes):
-            if related.get(c):
-                candidates[idx].append((related_map[idx], None))
+            if c in related_map:
+                candidates[idx].append((related_map[c], None))
 
     # 2. self-pairs on the base view
     if self_pairs:
@@ -223,7 +229,7 @@ def mcis_maps(model: CoAttentionClassifier, feats: Mapping[View, torch.Tensor], 
             out = model.pair(f_base, f_base, contrastive=False)
             candidates[idx].append((_to_image(out["co_m"][0, [c]], size, False, "bicubic")[0], None))
 
-    result = torch.zeros(len(classes), *size)
+    result = torch.zeros(len(classes), *size, device=device)
     for idx in range(len(classes)):
         total = len(candidates[idx])
         for rank, (logit_map, score) in enumerate(candidates[idx]):
@@ -231,6 +237,74 @@ def mcis_maps(model: CoAttentionClassifier, feats: Mapping[View, torch.Tensor], 
                 result[idx] += _max_norm(logit_map[None])[0]
         result[idx] /= total
     return result.clamp(0, 1)
+
+
+def related_logits(model: CoAttentionClassifier, f_i: torch.Tensor, classes: Sequence[int],
+                   related: Mapping[int, Sequence[str]], partners: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(n, h, w): for each class c, image I's co-attentive logits ``phi(F_I^{I∩R})_c``
+    averaged over its related images R (the official ``co_feature1_list`` after
+    ``feature_map_merge``); a class without related images pairs I with itself (the official
+    draw includes I). Partners of equal feature size share one batched pass."""
+    names = sorted({r for c in classes for r in related.get(c, [])})
+    logits: dict[str, torch.Tensor] = {}
+    for shape in {tuple(partners[n].shape[-2:]) for n in names}:
+        group = [n for n in names if tuple(partners[n].shape[-2:]) == shape]
+        f_r = torch.cat([partners[n] for n in group])
+        co_i = model.co_attention(f_i.expand(len(group), -1, -1, -1), f_r)[0]
+        logits.update(zip(group, model.class_maps(co_i)))
+    per_class = []
+    for c in classes:
+        chosen = related.get(c, [])
+        if chosen:
+            per_class.append(torch.stack([logits[n][c] for n in chosen]).mean(0))
+        else:
+            per_class.append(model.pair(f_i, f_i, contrastive=False)["co_m"][0, c])
+    return torch.stack(per_class)
+
+
+def official_aggregate(candidates: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The official ``aggregate`` over candidate logit maps, each (n, h, w): the first always
+    counts, every other only where ``sigmoid(mean) > 0.1`` (per class); each counted map is
+    ReLU'd and divided by ``max + 1e-8``; the sum is divided by the number of candidates."""
+    total = torch.zeros_like(candidates[0])
+    for rank, logits in enumerate(candidates):
+        keep = torch.ones(len(logits), dtype=torch.bool, device=logits.device) if rank == 0 \
+            else torch.sigmoid(logits.mean((1, 2))) > GATE
+        maps = logits.clamp(min=0)
+        maps = maps / (maps.flatten(1).amax(1) + 1e-8)[:, None, None]
+        total = total + maps * keep[:, None, None]
+    return total / len(candidates)
+
+
+@torch.no_grad()
+def official_maps(model: CoAttentionClassifier, f_base: torch.Tensor, copies: Sequence[torch.Tensor],
+                  classes: Sequence[int], related: Mapping[int, Sequence[str]],
+                  partners: Mapping[str, torch.Tensor], size: tuple[int, int], num_related: int) -> torch.Tensor:
+    """MCIS maps (n, H, W) in [0, 1] by the official ``test.py`` (protocol ``official``).
+
+    ``f_base``: features (1, C, h, w) of the squashed image; ``copies``: features of its flip,
+    0.75x and 2x squashes (:func:`~stages.train_classifier.self_pair_views`; empty without
+    self-pairs). Candidates, in the official order, at I's feature size (h, w): (I, flip I)
+    I's side; (I, flip I) the copy's side flipped back; the 0.75x and 2x copies' sides resized
+    bicubic to (h, w); the related map (:func:`related_logits`, when ``num_related > 0``).
+    :func:`official_aggregate` combines them; the result is resized bicubic to the image.
+    With neither self-pairs nor related images the image is paired with itself."""
+    classes = list(classes)
+    h, w = f_base.shape[-2:]
+    candidates = []
+    if copies:
+        f_flip, *scaled = copies
+        out = model.pair(f_base, f_flip, contrastive=False)
+        candidates += [out["co_m"][0, classes], torch.flip(out["co_n"][0, classes], dims=[2])]
+        for f_copy in scaled:
+            side = model.pair(f_base, f_copy, contrastive=False)["co_n"][:, classes]
+            candidates.append(F.interpolate(side.float(), size=(h, w), mode="bicubic",
+                                            align_corners=False)[0])
+    if num_related > 0 or not candidates:
+        candidates.append(related_logits(model, f_base, classes, related if num_related > 0 else {},
+                                         partners))
+    maps = official_aggregate([c.float() for c in candidates])
+    return _to_image(maps, size, False, "bicubic").clamp(0, 1)
 
 
 # --------------------------------------------------------------------------- worker side
@@ -267,6 +341,8 @@ class Job:
     views: list[View]
     self_pairs: bool
     batch_size: int
+    protocol: str = "official"
+    num_related: int = 3
     device: str = "cpu"
     threads: int = 0
 
@@ -283,12 +359,12 @@ def _open(job: Job):
 
 def _stack_inputs(dataset, items: list[str], size: int | None, device):
     """Group items with equal network-input size into batches:
-    ``[(ids, image sizes (H, W), inputs (B, 3, h, w)), ...]``."""
+    ``[(ids, images (H, W, 3) uint8, inputs (B, 3, h, w)), ...]``."""
     groups: dict[tuple, list] = {}
     for item in items:
         image = dataset.load_image(item)
         x = network_input(image, size)
-        groups.setdefault(tuple(x.shape[-2:]), []).append((item, image.shape[:2], x))
+        groups.setdefault(tuple(x.shape[-2:]), []).append((item, image, x))
     return [([m[0] for m in members], [m[1] for m in members],
              torch.cat([m[2] for m in members]).to(device)) for members in groups.values()]
 
@@ -313,29 +389,41 @@ def map_pass(job: Job, items: list[str], classes: Mapping[str, list[int]],
     out_dir = Path(job.out_dir)
     done = 0
     todo = [i for i in items if not map_path(out_dir, i).is_file()]
-    need = list(job.views) + ([BASE_VIEW, *SELF_VIEWS] if job.self_pairs else [BASE_VIEW])
-    need = list(dict.fromkeys(need))
+    official = job.protocol == "official"
+    if official:
+        need = [BASE_VIEW]
+        copy_views = self_pair_views(job.image_size) if job.self_pairs else []
+    else:
+        need = list(job.views) + ([BASE_VIEW, *SELF_VIEWS] if job.self_pairs else [BASE_VIEW])
+        need, copy_views = list(dict.fromkeys(need)), []
     for chunk in _batches(todo, job.batch_size):
-        for names, sizes, x in _stack_inputs(dataset, chunk, job.image_size, device):
+        for names, images, x in _stack_inputs(dataset, chunk, job.image_size, device):
             known = {}
             cached = [feature_path(out_dir, n) for n in names]
             if all(p.is_file() for p in cached):
                 known[BASE_VIEW] = torch.cat([_load_features(p, device) for p in cached])
             feats = view_features(model, x, need, known)
+            with torch.no_grad():
+                copy_feats = [model.features(torch.cat([network_input(im, side, flip) for im in images])
+                                             .to(device)) for side, flip in copy_views]
             for b, name in enumerate(names):
-                height, width = sizes[b]
+                size = images[b].shape[:2]
                 cls = classes.get(name, [])
                 if not cls:
-                    save_maps(map_path(out_dir, name), np.zeros(0), np.zeros((0, height, width)))
+                    save_maps(map_path(out_dir, name), np.zeros(0), np.zeros((0, *size)))
                     done += 1
                     continue
                 own = {v: f[b:b + 1] for v, f in feats.items()}
                 partner_feats = {r: _load_features(feature_path(out_dir, r), device)
                                  for c in cls for r in related[name].get(c, [])}
-                size = (height, width)
-                cams = plain_cams(model, own, job.views, cls, size)
-                maps = mcis_maps(model, own, job.views, cls, related[name], partner_feats, size,
-                                 job.self_pairs)
+                if official:
+                    cams = plain_cams(model, own, [BASE_VIEW], cls, size)
+                    maps = official_maps(model, own[BASE_VIEW], [f[b:b + 1] for f in copy_feats], cls,
+                                         related[name], partner_feats, size, job.num_related)
+                else:
+                    cams = plain_cams(model, own, job.views, cls, size)
+                    maps = mcis_maps(model, own, job.views, cls, related[name], partner_feats, size,
+                                     job.self_pairs)
                 save_maps(map_path(out_dir, name), np.asarray(cls) + 1, maps.cpu().numpy(),
                           cams.cpu().numpy())
                 done += 1
@@ -390,10 +478,14 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
     device = runtime.select_device(config.device)
     runtime.seed_everything(config.seed)
     workers = 1 if device.type == "cuda" else cfg.workers
+    image_size = cfg.image_size
+    if image_size is None and cfg.protocol == "official":
+        image_size = config.classifier.image_size
     job = Job(checkpoint=str(checkpoint), data_cfg=config.data.model_dump(mode="json"), split=split,
-              out_dir=str(out_dir), image_size=cfg.image_size,
+              out_dir=str(out_dir), image_size=image_size,
               views=config_views(cfg.scales, cfg.flip), self_pairs=cfg.self_pairs,
-              batch_size=cfg.batch_size, device=str(device),
+              batch_size=cfg.batch_size, protocol=cfg.protocol, num_related=cfg.num_related,
+              device=str(device),
               threads=max(1, runtime.cpu_threads(config.threads) // workers) if workers > 1 else 0)
 
     todo = [i for i in plan.ids if not map_path(out_dir, i).is_file()]

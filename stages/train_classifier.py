@@ -1,45 +1,52 @@
 """Stage 1: train the MCIS co-attention classifier on image pairs (Sun et al., ECCV 2020).
 
-Recipe (official code, all configurable in ``config.classifier``): pairs ``(I_m, I_n)``
-sharing at least one label (:class:`pipeline.data.pairs.PairSampler`, seeded per epoch);
-images resized to ``image_size`` squares, random horizontal flip, colour jitter
-(0.3, 0.3, 0.3, 0.1), ImageNet mean/std; SGD momentum 0.9 Nesterov, weight decay 5e-4,
-lr 1e-3 (``optimizer: adamw`` is a documented deviation for the from-scratch demo) with the
-per-group multipliers of
-:meth:`~models.coattention.CoAttentionClassifier.param_groups`; lr x0.1 at epochs 5 and 10;
-15 epochs; 5 pairs per step. Every step:
+Recipe (the official ``Classifier/scripts/train.py`` + ``train.sh``; all configurable in
+``config.classifier``, deviations opt-in): pairs ``(I_m, I_n)`` sharing at least one label
+(:class:`pipeline.data.pairs.PairSampler`, seeded per epoch); both images squashed to
+``image_size`` squares (256) and colour-jittered (0.3, 0.3, 0.3, 0.1), ImageNet mean/std, no
+random flip (``flip=True`` is a deviation); self-pair copies of I_m made from the *original*
+image without jitter: flip at ``image_size``, squashes to ``int(0.75 image_size)`` and
+``2 image_size``. SGD momentum 0.9 Nesterov, weight decay 5e-4, lr 1e-3 (``optimizer:
+adamw`` is a documented deviation for the from-scratch demo) with the per-group multipliers
+of :meth:`~models.coattention.CoAttentionClassifier.param_groups`; lr x0.1 at epochs 5 and 10;
+15 epochs; 5 pairs per step. Every step (MLSM averaging of :func:`~models.coattention.mcis_losses`):
 
-    L = L_basic(m, n) + L_co-att(m, n) + w_con L_con-co-att(m, n)
-        + sum over copies x in {flip(I_m), 0.75x I_m, 2x I_m}: L_basic(x) + L_co-att(I_m, x)
+    L = L_basic(m, n) + L_co-att(m, n) + w_m L_con(m) + w_n L_con(n)
+        + sum over copies x in {flip(I_m), 0.75x I_m, 2x I_m}: L_basic(I_m, x) + L_co-att(I_m, x)
 
-with ``w_con = 1`` from ``contrastive_from_epoch`` on and only when some image of the batch
-has a label its partner lacks (else 0: the term is still computed so every parameter gets a
-gradient, which DDP needs). Self-pairs are switchable (``self_pairs``).
+with ``w_m = 1`` from ``contrastive_from_epoch`` (0-based, official 2) on and only when some
+pair of the batch has a label of m that n lacks (else 0), ``w_n`` likewise (official
+per-side rule). A switched-off term is still computed (times 0) so every parameter gets a
+gradient, which DDP needs. Self-pairs are switchable (``self_pairs``).
 
-Files in ``out_dir``: ``checkpoints/epoch_NNN.pt`` (model weights + metadata, every epoch),
+Files in ``out_dir``: ``checkpoints/epoch_NNN.pt`` (model weights + metadata after NNN
+epochs, 1-based: the official ``pascal_voc_epoch_10.pth``, 0-based, is our ``epoch_011.pt``),
 ``resume.pt`` (the latest epoch's full state: model, optimizer, scheduler, AMP scaler, RNG
 state) and ``history.json`` (epoch metrics). All are written atomically. A killed run
 restarts from ``resume.pt``; since every epoch reseeds its pair order and augmentations from
 ``(seed, epoch)``, the resumed run ends with the same weights as an uninterrupted one.
 
-DDP: under ``torchrun`` each rank trains on its share of every epoch's pairs (rank r takes
-pairs r, r + W, ...); rank 0 writes the files and logs, the others wait at a barrier.
+DDP: under ``torchrun`` ``batch_size`` is the total number of pairs per step over all W
+processes (as ``segmentor.batch_size``; it must divide by W). Every epoch's pair list is
+padded by repeating its first pairs to a multiple of W (DistributedSampler semantics) and
+rank r takes pairs r, r + W, ..., so every rank runs the same number of steps; rank 0 writes
+the files and logs, the others wait at a barrier.
 """
 
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from models.coattention import CoAttentionClassifier, mcis_losses, pair_targets, self_pair_losses
+from models.coattention import (CoAttentionClassifier, contrastive_switches, mcis_losses,
+                                self_pair_losses)
 from pipeline import runtime
 from pipeline.config import PipelineConfig
 from pipeline.data import build_dataset
@@ -83,7 +90,7 @@ def model_meta(model: CoAttentionClassifier, class_names: list[str], image_size:
             "class_names": list(class_names), "feature_channels": model.feature_channels,
             "extra_convs": sum(isinstance(m, nn.Conv2d) for m in model.extra),
             "backbone_options": dict(backbone_options), "image_size": image_size,
-            "scale_affinity": model.scale_affinity}
+            "scale_affinity": model.scale_affinity, "init": model.init}
 
 
 def build_from_meta(meta: Mapping[str, Any]) -> CoAttentionClassifier:
@@ -91,7 +98,8 @@ def build_from_meta(meta: Mapping[str, Any]) -> CoAttentionClassifier:
                                  feature_channels=meta["feature_channels"],
                                  extra_convs=meta["extra_convs"],
                                  backbone_options=meta.get("backbone_options") or {},
-                                 scale_affinity=bool(meta.get("scale_affinity", False)))
+                                 scale_affinity=bool(meta.get("scale_affinity", False)),
+                                 init=meta.get("init", "official"))
 
 
 def check_meta(meta: Mapping[str, Any], path: Path, backbone: str | None = None,
@@ -136,10 +144,17 @@ def load_classifier(path: Path, backbone: str | None = None, num_classes: int | 
 
 # --------------------------------------------------------------------------- data
 class PairDataset(Dataset):
-    """``(image_m, image_n, labels_m, labels_n)`` for a list of index pairs."""
+    """``(view_m, view_n, copies_m, labels_m, labels_n)`` for a list of index pairs.
 
-    def __init__(self, dataset, pairs: list[tuple[int, int]]):
+    ``view_transform`` makes the training views of both images (resize, jitter, ...);
+    ``copy_views`` lists the self-pair copies of image m as ``(side, flip)``: squashes of the
+    *original* image to ``side`` x ``side``, flipped when asked, without colour jitter
+    (official). The dataset must return untransformed uint8 images."""
+
+    def __init__(self, dataset, pairs: list[tuple[int, int]], view_transform,
+                 copy_views: Sequence[tuple[int, bool]] = ()):
         self.dataset, self.pairs = dataset, pairs
+        self.view_transform, self.copy_views = view_transform, list(copy_views)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -147,11 +162,25 @@ class PairDataset(Dataset):
     def __getitem__(self, index: int):
         i, j = self.pairs[index]
         a, b = self.dataset[i], self.dataset[j]
-        return (a["image"].as_subclass(torch.Tensor), b["image"].as_subclass(torch.Tensor),
-                a["labels"], b["labels"])
+        copies = [squash(a["image"], side, flip) for side, flip in self.copy_views]
+        return (_plain(self.view_transform(a["image"])), _plain(self.view_transform(b["image"])),
+                copies, a["labels"], b["labels"])
+
+
+def _plain(image) -> torch.Tensor:
+    return image.as_subclass(torch.Tensor)
+
+
+def squash(image: torch.Tensor, side: int, flip: bool = False) -> torch.Tensor:
+    """uint8 (3, H, W) -> (3, side, side), antialiased bilinear (PIL's BILINEAR, as the
+    official loader), flipped horizontally when asked."""
+    out = _plain(v2.functional.resize(image, [side, side], antialias=True))
+    return torch.flip(out, dims=[2]) if flip else out
 
 
 def training_transform(cfg) -> v2.Compose:
+    """The main training views: squash to ``image_size``, optional flip (a deviation),
+    colour jitter."""
     steps: list = [v2.Resize([cfg.image_size, cfg.image_size], antialias=True)]
     if cfg.flip:
         steps.append(v2.RandomHorizontalFlip(0.5))
@@ -159,6 +188,23 @@ def training_transform(cfg) -> v2.Compose:
         b, c, s, h = cfg.colour_jitter
         steps.append(v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h))
     return v2.Compose(steps)
+
+
+def self_pair_views(image_size: int) -> list[tuple[int, bool]]:
+    """Official copies: flip at ``image_size``, then ``int(0.75 s)`` and ``2 s`` squashes."""
+    return [(image_size, True)] + [(int(image_size * s), False) for s in SELF_PAIR_SCALES]
+
+
+def shard_pairs(pairs: list[tuple[int, int]], rank: int, world_size: int) -> list[tuple[int, int]]:
+    """Rank ``rank``'s share of an epoch's pairs, DistributedSampler style: the list is padded
+    with its first pairs to a multiple of ``world_size``, then strided, so every rank gets
+    ``ceil(N / W)`` pairs (the same number of steps)."""
+    if world_size <= 1:
+        return list(pairs)
+    padded = list(pairs) + list(pairs[:(-len(pairs)) % world_size])
+    while len(padded) % world_size:        # fewer pairs than ranks
+        padded += list(pairs[:world_size - len(padded) % world_size])
+    return padded[rank::world_size]
 
 
 def labelled_subset(dataset) -> tuple[list[int], int]:
@@ -187,24 +233,28 @@ class PairTrainer(nn.Module):
         super().__init__()
         self.model, self.self_pairs = model, self_pairs
 
-    def forward(self, x_m, x_n, l_m, l_n, w_con: float) -> dict[str, torch.Tensor]:
+    def forward(self, x_m, x_n, copies, l_m, l_n, w_con_m: float, w_con_n: float) -> dict[str, torch.Tensor]:
+        """``copies``: the self-pair copies of x_m (batched), ignored without self-pairs.
+        One backbone pass for every input of the training size."""
         model = self.model
-        views = [x_m, x_n] + ([torch.flip(x_m, dims=[3])] if self.self_pairs else [])
-        feats = model.features(torch.cat(views)).chunk(len(views))
+        copies = list(copies) if self.self_pairs else []
+        same = [c for c in copies if c.shape[-2:] == x_m.shape[-2:]]
+        views = [x_m, x_n] + same
+        feats = list(model.features(torch.cat(views)).chunk(len(views)))
         f_m, f_n = feats[0], feats[1]
+        same_feats = iter(feats[2:])
+        copy_feats = [next(same_feats) if c.shape[-2:] == x_m.shape[-2:] else model.features(c)
+                      for c in copies]
         out = model.pair(f_m, f_n, contrastive=True)
-        cam_m, cam_n = model.cam(f_m), model.cam(f_n)
-        out["s_m"], out["s_n"] = cam_m.mean((2, 3)), cam_n.mean((2, 3))
+        s_m = model.cam(f_m).mean((2, 3))
+        out["s_m"], out["s_n"] = s_m, model.cam(f_n).mean((2, 3))
         terms = mcis_losses(out, l_m, l_n, contrastive=True)
-        terms["con_co_att"] = terms["con_co_att"] * w_con
-        if self.self_pairs:
-            copies = [feats[2]] + [model.features(F.interpolate(
-                x_m, scale_factor=s, mode="bilinear", align_corners=False)) for s in SELF_PAIR_SCALES]
-            for f_copy in copies:
-                sp = model.pair(f_m, f_copy, contrastive=False)
-                sp["s_n"] = model.cam(f_copy).mean((2, 3))
-                for key, value in self_pair_losses(sp, l_m).items():
-                    terms[f"self_{key}"] = terms.get(f"self_{key}", 0.0) + value
+        terms["con_co_att"] = terms.pop("con_m") * w_con_m + terms.pop("con_n") * w_con_n
+        for f_copy in copy_feats:
+            sp = model.pair(f_m, f_copy, contrastive=False)
+            sp["s_m"], sp["s_n"] = s_m, model.cam(f_copy).mean((2, 3))
+            for key, value in self_pair_losses(sp, l_m).items():
+                terms[f"self_{key}"] = terms.get(f"self_{key}", 0.0) + value
         terms["loss"] = sum(terms.values())
         return terms
 
@@ -241,7 +291,10 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
     info = runtime.init_distributed(device)
     main = info.is_main
 
-    dataset = build_dataset(config.data, config.data.train_split, transform=training_transform(cfg))
+    if cfg.batch_size % info.world_size:
+        raise ValueError(f"classifier.batch_size {cfg.batch_size} (pairs per step over all "
+                         f"processes) is not divisible by the {info.world_size} DDP processes")
+    dataset = build_dataset(config.data, config.data.train_split)
     keep, skipped = labelled_subset(dataset)
     if not keep:
         raise ValueError(f"split {config.data.train_split!r} of {dataset.root} has no image with a "
@@ -257,7 +310,7 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
     model = CoAttentionClassifier(labels.shape[1], backbone=cfg.backbone, pretrained=cfg.pretrained,
                                   feature_channels=cfg.feature_channels,
                                   backbone_options=cfg.backbone_options,
-                                  scale_affinity=cfg.scale_affinity)
+                                  scale_affinity=cfg.scale_affinity, init=cfg.init)
     meta = model_meta(model, dataset.class_names, cfg.image_size, cfg.backbone_options)
     if cfg.freeze_bn:
         _freeze_bn(model)
@@ -288,13 +341,17 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
     if main:
         tracker.log_params({"num_images": len(keep), "skipped_unlabelled": skipped,
                             "num_classes": labels.shape[1], "world_size": info.world_size})
-    step = start_epoch * -(-len(keep) // (cfg.batch_size * info.world_size))
+    per_rank = cfg.batch_size // info.world_size
+    view_transform = training_transform(cfg)
+    copy_views = self_pair_views(cfg.image_size) if cfg.self_pairs else []
+    step = start_epoch * -(-len(shard_pairs(sampler.pairs(0), 0, info.world_size)) // per_rank)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         epoch_seed = _epoch_seed(config.seed, epoch)
         torch.manual_seed(epoch_seed)
-        pairs = sampler.pairs(epoch)[info.rank::info.world_size]
-        loader = DataLoader(PairDataset(train_set, pairs), batch_size=cfg.batch_size, shuffle=False,
+        pairs = shard_pairs(sampler.pairs(epoch), info.rank, info.world_size)
+        loader = DataLoader(PairDataset(train_set, pairs, view_transform, copy_views),
+                            batch_size=per_rank, shuffle=False,
                             num_workers=cfg.num_workers, generator=runtime.seeded_generator(epoch_seed),
                             persistent_workers=False)
         contrastive_on = epoch >= cfg.contrastive_from_epoch
@@ -303,13 +360,13 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
             _freeze_bn(model)
         sums: dict[str, float] = {}
         count = 0
-        for img_m, img_n, l_m, l_n in loader:
+        for img_m, img_n, copies, l_m, l_n in loader:
             x_m, x_n = normalize(img_m).to(device), normalize(img_n).to(device)
+            copies = [normalize(c).to(device) for c in copies]
             l_m, l_n = l_m.to(device), l_n.to(device)
-            _, only_m, only_n = pair_targets(l_m, l_n)
-            w_con = 1.0 if contrastive_on and bool((only_m.sum() + only_n.sum()) > 0) else 0.0
+            on_m, on_n = contrastive_switches(l_m, l_n) if contrastive_on else (False, False)
             with runtime.autocast(device, cfg.amp):
-                terms = trainer(x_m, x_n, l_m, l_n, w_con)
+                terms = trainer(x_m, x_n, copies, l_m, l_n, float(on_m), float(on_n))
             if not torch.isfinite(terms["loss"]):
                 raise FloatingPointError(f"train_classifier: loss became {terms['loss'].item()} at "
                                          f"epoch {epoch + 1} step {step}; lower classifier.lr")

@@ -1,7 +1,12 @@
 import pytest
 import torch
 
-from models.coattention import CoAttentionClassifier, mcis_losses, pair_targets, self_pair_losses
+import math
+
+import torch.nn.functional as F
+
+from models.coattention import (CoAttentionClassifier, contrastive_switches, mcis_losses,
+                                pair_targets, self_pair_losses)
 
 K = 4
 
@@ -57,8 +62,8 @@ def test_gradients_reach_every_branch(model):
     l_n = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 1]])
     out = model(torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32))
     losses = mcis_losses(out, l_m, l_n, contrastive=True)
-    assert set(losses) == {"basic", "co_att", "con_co_att"}
-    for name in ("basic", "co_att", "con_co_att"):
+    assert set(losses) == {"basic", "co_att", "con_m", "con_n"}
+    for name in ("basic", "co_att", "con_m", "con_n"):
         model.zero_grad()
         losses[name].backward(retain_graph=True)
         grads = {n: p.grad for n, p in model.named_parameters()}
@@ -68,7 +73,7 @@ def test_gradients_reach_every_branch(model):
             assert grads["class_conv.weight"] is None  # L_basic does not touch the co-att branch
         if name == "co_att":
             assert grads["w_p.weight"].abs().sum() > 0 and grads["class_conv.weight"].abs().sum() > 0
-        if name == "con_co_att":
+        if name.startswith("con_"):
             assert grads["w_b.weight"].abs().sum() > 0 and grads["w_p.weight"].abs().sum() > 0
 
 
@@ -86,21 +91,103 @@ def test_targets_on_crafted_label_pairs():
         and only_n.tolist() == [[0, 0, 1, 0]]
 
 
-def test_loss_values_match_multilabel_soft_margin():
-    s = torch.tensor([[2.0, -1.0]])
-    out = {"s_m": s, "s_n": s, "s_co_m": s, "s_co_n": s, "s_con_m": s, "s_con_n": s}
-    l_m, l_n = torch.tensor([[1.0, 0]]), torch.tensor([[0.0, 1]])
+def _mlsm(x, y):
+    """MLSM by hand: -mean over classes, then rows, of y log sig(x) + (1-y) log sig(-x)."""
+    return -(y * F.logsigmoid(x) + (1 - y) * F.logsigmoid(-x)).mean(1).mean(0)
 
-    def ce(x, y):  # -mean(y log sig(x) + (1-y) log sig(-x))
-        return -(y * torch.nn.functional.logsigmoid(x) + (1 - y) * torch.nn.functional.logsigmoid(-x)).mean()
 
-    losses = mcis_losses(out, l_m, l_n, contrastive=True)
-    assert torch.isclose(losses["basic"], ce(s, l_m) + ce(s, l_n))
-    assert torch.isclose(losses["co_att"], 2 * ce(s, torch.zeros(1, 2)))
-    assert torch.isclose(losses["con_co_att"], ce(s, l_m) + ce(s, l_n))
-    assert "con_co_att" not in mcis_losses(out, l_m, l_n, contrastive=False)
-    sp = self_pair_losses(out, l_m)
-    assert torch.isclose(sp["co_att"], 2 * ce(s, l_m)) and torch.isclose(sp["basic"], ce(s, l_m))
+def _official_pair_losses(score1, score2, co1, co2, comple1, comple2, label1, label2):
+    """Transcription of the official train.py (GuoleiSun/MCIS_wsss, Classifier/scripts):
+    logits = cat[score1, score2]; co_logits = cat[co_score1, co_score2, comple1, comple2]."""
+    b = score1.shape[0]
+    logits, co_logits = torch.cat([score1, score2]), torch.cat([co1, co2, comple1, comple2])
+    label = torch.cat([label1, label2])
+    label_new = label1 + label2
+    label_new = (label_new == 2).float()
+    label1_comple, label2_comple = label1 - label_new, label2 - label_new
+    label_new = torch.cat([label_new, label_new])
+    return {"loss_val1": F.multilabel_soft_margin_loss(logits, label),
+            "loss_val2": F.multilabel_soft_margin_loss(co_logits[:2 * b], label_new),
+            "loss_val1_comple": F.multilabel_soft_margin_loss(co_logits[2 * b:3 * b], label1_comple),
+            "loss_val2_comple": F.multilabel_soft_margin_loss(co_logits[3 * b:], label2_comple)}
+
+
+def test_losses_equal_the_official_averaging_on_a_fixed_batch():
+    g = torch.Generator().manual_seed(5)
+    b, k = 3, 6
+    out = {key: 3 * torch.randn(b, k, generator=g)
+           for key in ("s_m", "s_n", "s_co_m", "s_co_n", "s_con_m", "s_con_n")}
+    l_m = (torch.rand(b, k, generator=g) > 0.5).float()
+    l_n = (torch.rand(b, k, generator=g) > 0.5).float()
+    ours = mcis_losses(out, l_m, l_n, contrastive=True)
+    ref = _official_pair_losses(out["s_m"], out["s_n"], out["s_co_m"], out["s_co_n"],
+                                out["s_con_m"], out["s_con_n"], l_m, l_n)
+    assert torch.isclose(ours["basic"], ref["loss_val1"], atol=1e-6)
+    assert torch.isclose(ours["co_att"], ref["loss_val2"], atol=1e-6)
+    assert torch.isclose(ours["con_m"], ref["loss_val1_comple"], atol=1e-6)
+    assert torch.isclose(ours["con_n"], ref["loss_val2_comple"], atol=1e-6)
+    # and by hand: L_basic is the mean of the two images' B-means, not their sum
+    assert torch.isclose(ours["basic"], (_mlsm(out["s_m"], l_m) + _mlsm(out["s_n"], l_n)) / 2, atol=1e-6)
+    assert "con_m" not in mcis_losses(out, l_m, l_n, contrastive=False)
+
+
+def test_self_pair_losses_cover_the_image_and_its_copy():
+    """Official: loss_val2_1 = MLSM(cat[score(I), score(copy)], cat[l1, l1]) and loss_val2_2
+    = MLSM(cat[co_score1, co_score2], cat[l1, l1]): L_basic of *both* images."""
+    g = torch.Generator().manual_seed(6)
+    out = {key: 2 * torch.randn(2, 4, generator=g) for key in ("s_m", "s_n", "s_co_m", "s_co_n")}
+    labels = torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 1]])
+    sp = self_pair_losses(out, labels)
+    assert torch.isclose(sp["basic"], (_mlsm(out["s_m"], labels) + _mlsm(out["s_n"], labels)) / 2, atol=1e-6)
+    assert torch.isclose(sp["co_att"], (_mlsm(out["s_co_m"], labels) + _mlsm(out["s_co_n"], labels)) / 2,
+                         atol=1e-6)
+    changed = dict(out, s_m=out["s_m"] + 1.0)          # the image's own score enters L_basic
+    assert not torch.isclose(self_pair_losses(changed, labels)["basic"], sp["basic"])
+
+
+def test_contrastive_rule_is_per_side():
+    """Official: ``if (label1_comple > 0).any(): add loss_val1_comple``, and separately for 2."""
+    l_m = torch.tensor([[1.0, 1, 0], [0, 1, 0]])
+    l_n = torch.tensor([[1.0, 1, 0], [0, 1, 1]])         # n has an unshared label, m has none
+    assert contrastive_switches(l_m, l_n) == (False, True)
+    assert contrastive_switches(l_n, l_m) == (True, False)
+    assert contrastive_switches(l_m, l_m) == (False, False)
+    assert contrastive_switches(torch.tensor([[1.0, 0, 0]]), torch.tensor([[0.0, 1, 0]])) == (True, True)
+
+
+def test_official_initialisation_spreads():
+    """VGG_coattention._initialize_weights: conv std sqrt(2 / (k k C_out)) for the extra convs
+    and the CAM head; W_P (nn.Linear), extra_gate and extra_gate_merge keep PyTorch's default
+    uniform(-1/sqrt(C_in), 1/sqrt(C_in)), std 1/sqrt(3 C_in)."""
+    torch.manual_seed(0)
+    model = CoAttentionClassifier(20, backbone="tiny", feature_channels=512, backbone_options={"width": 8})
+    assert model.cam_head.weight.std().item() == pytest.approx(math.sqrt(2 / 20), rel=0.05)
+    assert model.cam_head.bias.abs().max().item() == 0.0
+    for conv in (m for m in model.extra if isinstance(m, torch.nn.Conv2d)):
+        assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (9 * 512)), rel=0.05)
+    for layer in (model.w_p, model.class_conv, model.w_b):
+        assert layer.weight.std().item() == pytest.approx(1 / math.sqrt(3 * 512), rel=0.1)
+        assert layer.weight.abs().max().item() <= 1 / math.sqrt(512) + 1e-7
+    fan_in = CoAttentionClassifier(20, backbone="tiny", feature_channels=512,
+                                   backbone_options={"width": 8}, init="kaiming_fan_in")
+    assert fan_in.cam_head.weight.std().item() == pytest.approx(math.sqrt(2 / 512), rel=0.05)
+    assert fan_in.w_p.weight.std().item() == pytest.approx(math.sqrt(2 / 512), rel=0.05)
+    with pytest.raises(ValueError, match="init"):
+        CoAttentionClassifier(2, backbone="tiny", init="xavier")
+
+
+def test_affinity_is_float32_under_autocast(model):
+    """The unscaled P runs in float32 even under autocast (bfloat16 on CPU here)."""
+    torch.manual_seed(3)
+    f_m, f_n = 4 * torch.randn(1, 16, 2, 3), 4 * torch.randn(1, 16, 3, 1)
+    with torch.no_grad():
+        _, _, _, ref = model.co_attention(f_m, f_n)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, _, _, auto = model.co_attention(f_m.bfloat16(), f_n.bfloat16())
+    assert auto.dtype == torch.float32
+    p32 = F.linear(f_m.bfloat16().float().flatten(2).transpose(1, 2), model.w_p.weight) \
+        @ f_n.bfloat16().float().flatten(2)
+    assert torch.allclose(auto, torch.softmax(p32, dim=1), atol=1e-5)
 
 
 def test_param_groups_official_multipliers(model):

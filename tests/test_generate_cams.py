@@ -13,7 +13,8 @@ from pipeline.maps_io import load_maps, map_path
 from pipeline.storage import StageResult
 from pipeline.tracking import MemoryTracker
 from stages import generate_cams, train_classifier
-from stages.generate_cams import BASE_VIEW, SELF_VIEWS, make_plan, mcis_maps, plain_cams, view_features
+from stages.generate_cams import (BASE_VIEW, SELF_VIEWS, make_plan, mcis_maps, network_input,
+                                  official_aggregate, official_maps, plain_cams, view_features)
 from stages.train_classifier import CheckpointError
 
 
@@ -116,6 +117,87 @@ def test_plain_cams_normalised_and_flip_consistent():
     assert torch.allclose(c_sym, torch.flip(c_sym, dims=[2]), atol=1e-5)
 
 
+def _official_aggregate_np(list_atten):
+    """Transcription of the official test.py ``aggregate`` (without its uint8 cast)."""
+    att = list_atten[0].copy()
+    att[att < 0] = 0
+    att = att / (att.max() + 1e-8) * 255
+    for i in list_atten[1:]:
+        if 1 / (1 + np.exp(-np.mean(i))) > 0.1:
+            att_more = i.copy()
+            att_more[att_more < 0] = 0
+            att_more = att_more / (att_more.max() + 1e-8) * 255
+            att = att_more + att
+    return att / len(list_atten)
+
+
+def test_official_aggregate_order_and_gate():
+    first = -np.ones((4, 4), np.float32) * 5        # mean far below the gate, but first: kept
+    first[1, 2] = 2.0
+    gated_out = -np.ones((4, 4), np.float32) * 3     # sigmoid(-3) = 0.047 < 0.1: dropped
+    gated_out[0, 0] = 9.0
+    kept = np.zeros((4, 4), np.float32)
+    kept[3, 3] = 4.0                                 # sigmoid(0.25) > 0.1: kept
+    cands = [first, gated_out, kept]
+    ours = official_aggregate([torch.from_numpy(c)[None] for c in cands])[0].numpy()
+    ref = _official_aggregate_np(cands) / 255
+    assert np.allclose(ours, ref, atol=1e-6)
+    assert ours[1, 2] == pytest.approx(1 / 3) and ours[3, 3] == pytest.approx(1 / 3) and ours[0, 0] == 0
+    # the first map is the one that always counts: reversed order drops `first` instead
+    rev = official_aggregate([torch.from_numpy(c)[None] for c in cands[::-1]])[0].numpy()
+    assert rev[1, 2] == 0 and np.allclose(rev, _official_aggregate_np(cands[::-1]) / 255, atol=1e-6)
+
+
+def test_official_maps_equal_a_transcription_of_test_py():
+    """Candidates [co_feature2_1, co_feature2_2 (flipped back), co_feature3_2 and co_feature4_2
+    (the copies' sides, bicubic to 32x32 here 6x6), related average], aggregated, resized."""
+    torch.manual_seed(0)
+    model = CoAttentionClassifier(3, backbone="tiny", feature_channels=16,
+                                  backbone_options={"width": 8}).eval()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    partner_images = {"a": rng.integers(0, 255, (40, 30, 3), dtype=np.uint8),
+                      "b": rng.integers(0, 255, (20, 64, 3), dtype=np.uint8)}
+    side = 48
+    x = network_input(image, side)
+    copies_x = [network_input(image, side, flip=True), network_input(image, int(side * 0.75)),
+                network_input(image, 2 * side)]
+    partners_x = {n: network_input(im, side) for n, im in partner_images.items()}
+    related = {0: ["a", "b", "a"], 2: ["b", "b", "b"]}
+    classes, size = [0, 2], (37, 53)
+    with torch.no_grad():
+        ours = official_maps(model, model.features(x), [model.features(c) for c in copies_x], classes,
+                             related, {n: model.features(p) for n, p in partners_x.items()}, size, 3)
+        # reference: every pair through model.forward, as test.py calls model(img)
+        out2 = model(x, copies_x[0])
+        co2_1, co2_2 = out2["co_m"][0], out2["co_n"][0].flip(2)
+        h, w = co2_1.shape[-2:]
+        co3_2 = F.interpolate(model(x, copies_x[1])["co_n"], (h, w), mode="bicubic", align_corners=False)[0]
+        co4_2 = F.interpolate(model(x, copies_x[2])["co_n"], (h, w), mode="bicubic", align_corners=False)[0]
+        ref = []
+        for c in classes:
+            rel = torch.stack([model(x, partners_x[r])["co_m"][0] for r in related[c]]).mean(0)
+            cands = [m[c].numpy() for m in (co2_1, co2_2, co3_2, co4_2, rel)]
+            att = torch.from_numpy(_official_aggregate_np(cands) / 255)[None, None].float()
+            ref.append(F.interpolate(att, size, mode="bicubic", align_corners=False)[0, 0].clamp(0, 1))
+    assert ours.shape == (2, 37, 53)
+    assert torch.allclose(ours, torch.stack(ref), atol=1e-4)
+
+
+def test_network_input_squashes_like_pil():
+    """The official loader squashes with PIL's bilinear resize; ours (antialiased, on uint8)
+    agrees within a grey level or two."""
+    from PIL import Image
+    from pipeline.data.transforms import normalize
+    image = np.random.default_rng(1).integers(0, 255, (75, 100, 3), dtype=np.uint8)
+    for side in (32, 192):
+        pil = np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR))
+        ref = normalize(torch.from_numpy(pil.copy()).permute(2, 0, 1))[None]
+        ours = network_input(image, side)
+        assert ours.shape == (1, 3, side, side)
+        assert (ours - ref).abs().max() < 3 / 255 / 0.224
+
+
 # ------------------------------------------------------------------ planning
 class LabelsOnly:
     def __init__(self, labels):
@@ -148,7 +230,8 @@ def test_plan_counts_unlabelled_short_and_lonely():
 # ------------------------------------------------------------------ the stage
 def test_stage_writes_maps_scores_and_resumes(trained, tmp_path):
     root, classifier = trained
-    config = small_config(root, "maps.scales=[1.0, 0.5]", "maps.flip=true")
+    config = small_config(root, "maps.protocol=multiscale", "maps.image_size=null",
+                          "maps.scales=[1.0, 0.5]", "maps.flip=true")
     tracker = MemoryTracker()
     result = generate_cams.run(config, {"train_classifier": classifier}, tmp_path, tracker)
     from pipeline.data import build_dataset
@@ -175,6 +258,21 @@ def test_stage_writes_maps_scores_and_resumes(trained, tmp_path):
     assert np.allclose(before.maps, after.maps, atol=2e-3) and np.allclose(before.cams, after.cams, atol=2e-3)
 
 
+def test_official_protocol_stage(trained, tmp_path):
+    """Default protocol: images squashed to the classifier's size, maps back at image size."""
+    root, classifier = trained
+    config = small_config(root)
+    assert config.maps.protocol == "official"
+    result = generate_cams.run(config, {"train_classifier": classifier}, tmp_path, MemoryTracker())
+    from pipeline.data import build_dataset
+    dataset = build_dataset(config.data, "train")
+    for item in dataset.ids[:4]:
+        record = load_maps(map_path(tmp_path, item))
+        assert record.size == dataset.load_mask(item).shape
+        assert record.maps.min() >= 0 and record.maps.max() <= 1 and record.maps.max() > 0
+    assert result.metrics["maps_miou"] >= 0
+
+
 def test_two_worker_processes_give_the_same_maps(trained, tmp_path):
     root, classifier = trained
     one = small_config(root)
@@ -190,7 +288,8 @@ def test_bad_checkpoint_inputs(trained, tmp_path):
     root, classifier = trained
     upstream = {"train_classifier": classifier}
     with pytest.raises(CheckpointError, match="checkpoint_epoch=7.*epochs \\[1, 2\\]"):
-        generate_cams.run(small_config(root, "maps.checkpoint_epoch=7"), upstream, tmp_path, MemoryTracker())
+        generate_cams.run(small_config(root, "classifier.epochs=7", "maps.checkpoint_epoch=7"), upstream,
+                          tmp_path, MemoryTracker())
     with pytest.raises(CheckpointError, match="backbone 'tiny'.*'resnet50' is expected"):
         generate_cams.run(small_config(root, "classifier.backbone=resnet50"), upstream, tmp_path,
                           MemoryTracker())

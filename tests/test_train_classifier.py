@@ -4,6 +4,7 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -15,8 +16,8 @@ from stages.train_classifier import (CheckpointError, checkpoint_path, list_chec
                                      load_classifier)
 
 
-def small_config(root: Path, **classifier):
-    overrides = [f"data.root={root}", "data.synthetic.num_train=16", "data.synthetic.num_val=4",
+def small_config(root: Path, num_train: int = 16, **classifier):
+    overrides = [f"data.root={root}", f"data.synthetic.num_train={num_train}", "data.synthetic.num_val=4",
                  "data.synthetic.class_colours=false",
                  "data.synthetic.num_classes=3", "data.synthetic.image_size=48",
                  "classifier.image_size=48", "classifier.epochs=2", "classifier.batch_size=4",
@@ -56,7 +57,7 @@ def test_training_writes_checkpoints_and_logs(data_root, tmp_path):
 
 
 def test_loss_decreases(data_root, tmp_path):
-    config = small_config(data_root, epochs=6, lr_steps="[10]", self_pairs="false",
+    config = small_config(data_root, epochs=6, lr_steps="[10]", self_pairs="false", lr=0.03,
                           contrastive_from_epoch=10, colour_jitter="[0, 0, 0, 0]", flip="false")
     tracker = MemoryTracker()
     train_classifier.run(config, {}, tmp_path, tracker)
@@ -131,7 +132,7 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, out: str):
     from pipeline import runtime
     tracker = MemoryTracker()
     try:
-        train_classifier.run(small_config(Path(root), epochs=1), {}, Path(out), tracker)
+        train_classifier.run(small_config(Path(root), 15, epochs=1), {}, Path(out), tracker)
         # after training, this rank's weights (rank 0's are in the checkpoint)
         resume = torch.load(Path(out) / "resume.pt", weights_only=False) if rank == 0 else None
         runtime.barrier()
@@ -142,13 +143,103 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, out: str):
         runtime.cleanup_distributed()
 
 
-def test_ddp_two_cpu_processes(data_root, tmp_path):
+def test_shard_pairs_gives_every_rank_the_same_count():
+    pairs = [(i, i + 100) for i in range(7)]
+    shards = [train_classifier.shard_pairs(pairs, r, 2) for r in range(2)]
+    assert [len(s) for s in shards] == [4, 4]
+    assert sorted(shards[0] + shards[1]) == sorted(pairs + pairs[:1])    # padded with the first
+    assert [len(train_classifier.shard_pairs(pairs[:1], r, 3)) for r in range(3)] == [1, 1, 1]
+    assert train_classifier.shard_pairs(pairs, 0, 1) == pairs
+
+
+def test_ddp_two_cpu_processes_odd_pair_count(tmp_path):
+    """15 pairs over 2 ranks (padded to 16): both ranks take 8 pairs, 2 per step (batch_size 4
+    is the total), 4 steps each, so the last all-reduce is matched and the run finishes."""
     from pipeline.data import build_dataset
-    build_dataset(small_config(data_root).data, "train")      # generate once, before spawning
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(data_root), str(tmp_path)), nprocs=2, join=True)
-    assert sorted(list_checkpoints(tmp_path)) == [1]
-    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
-    # each rank took half of the 16 pairs: 8 / 4 per step = 2 steps; only rank 0 logs
-    assert rank0["steps"] == 2 and rank1["steps"] == 0
-    assert "epoch/loss" in (tmp_path / "history.json").read_text()
+    root = tmp_path / "data15"
+    build_dataset(small_config(root, 15).data, "train")      # generate once, before spawning
+    out = tmp_path / "out"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(root), str(out)), nprocs=2, join=True)
+    assert sorted(list_checkpoints(out)) == [1]
+    rank0 = torch.load(out / "rank0.pt", weights_only=False)
+    rank1 = torch.load(out / "rank1.pt", weights_only=False)
+    assert rank0["steps"] == 4 and rank1["steps"] == 0          # only rank 0 logs
+    assert "epoch/loss" in (out / "history.json").read_text()
+
+
+# ------------------------------------------------------------------ official recipe points
+class _OneImage:
+    """A dataset of one untransformed uint8 image (what stage 1 now reads)."""
+
+    def __init__(self, image):
+        self.image = image
+
+    def __getitem__(self, index):
+        from torchvision import tv_tensors
+        return {"image": tv_tensors.Image(self.image), "labels": torch.tensor([1.0, 0.0])}
+
+
+def test_self_pair_copies_come_from_the_original_image_without_jitter():
+    """Official loader: tsfm_more = [Resize(256) + flip, Resize(192), Resize(512)] applied to
+    the original image, no ColorJitter; the main views are Resize(256) + ColorJitter."""
+    from PIL import Image
+    assert train_classifier.self_pair_views(256) == [(256, True), (192, False), (512, False)]
+    image = torch.randint(0, 256, (3, 60, 90), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    config = small_config(Path("unused"), image_size=40, colour_jitter="[0.3, 0.3, 0.3, 0.1]")
+    pairs = train_classifier.PairDataset(_OneImage(image), [(0, 0)],
+                                         train_classifier.training_transform(config.classifier),
+                                         train_classifier.self_pair_views(40))
+    torch.manual_seed(1)
+    view_m, view_n, copies, _, _ = pairs[0]
+    assert view_m.shape == (3, 40, 40) and [tuple(c.shape) for c in copies] == [(3, 40, 40), (3, 30, 30),
+                                                                                 (3, 80, 80)]
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+    for copy, (side, flip) in zip(copies, [(40, True), (30, False), (80, False)]):
+        ref = np.asarray(pil.resize((side, side), Image.BILINEAR), dtype=np.int16)
+        ref = ref[:, ::-1] if flip else ref
+        assert np.abs(copy.permute(1, 2, 0).numpy().astype(np.int16) - ref).max() <= 2   # no jitter
+    plain = np.asarray(pil.resize((40, 40), Image.BILINEAR), dtype=np.int16)
+    assert np.abs(view_m.permute(1, 2, 0).numpy().astype(np.int16) - plain).max() > 10    # jittered
+
+
+def test_no_random_flip_by_default():
+    """The official training views are never flipped at random; flip=True is the opt-in."""
+    from torchvision.transforms import v2
+    default = load_config(None).classifier
+    assert default.flip is False
+    assert not any(isinstance(t, v2.RandomHorizontalFlip)
+                   for t in train_classifier.training_transform(default).transforms)
+    flipped = default.model_copy(update={"flip": True})
+    assert any(isinstance(t, v2.RandomHorizontalFlip)
+               for t in train_classifier.training_transform(flipped).transforms)
+
+
+def test_checkpoint_epoch_matches_the_official_file():
+    """train.py saves 'pascal_voc_epoch_%d.pth' % current_epoch after training epoch
+    current_epoch (0-based); test.sh loads epoch_10, so 11 epochs of training."""
+    official_saves = {}
+    epochs_trained = 0
+    for current_epoch in range(15):            # the official loop, counting epochs trained
+        epochs_trained += 1
+        official_saves[f"pascal_voc_epoch_{current_epoch}.pth"] = epochs_trained
+    voc = load_config("voc")
+    assert voc.maps.checkpoint_epoch == official_saves["pascal_voc_epoch_10.pth"] == 11
+    assert checkpoint_path(Path("out"), voc.maps.checkpoint_epoch).name == "epoch_011.pt"
+
+
+def test_per_side_contrastive_weights_in_a_step():
+    """PairTrainer adds L_con(m) only with w_con_m and L_con(n) only with w_con_n."""
+    torch.manual_seed(0)
+    model = train_classifier.CoAttentionClassifier(3, backbone="tiny", feature_channels=8,
+                                                   backbone_options={"width": 4})
+    trainer = train_classifier.PairTrainer(model, self_pairs=False)
+    x_m, x_n = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    l_m, l_n = torch.tensor([[1.0, 1, 0], [1, 0, 0]]), torch.tensor([[1.0, 0, 1], [1, 0, 0]])
+    from models.coattention import mcis_losses
+    with torch.no_grad():
+        out = model(x_m, x_n)
+        ref = mcis_losses(out, l_m, l_n)
+        for w_m, w_n in ((1.0, 0.0), (0.0, 1.0), (1.0, 1.0)):
+            terms = trainer(x_m, x_n, [], l_m, l_n, w_m, w_n)
+            assert torch.isclose(terms["con_co_att"], w_m * ref["con_m"] + w_n * ref["con_n"], atol=1e-5)
+            assert torch.isclose(terms["basic"], ref["basic"], atol=1e-5)
