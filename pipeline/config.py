@@ -177,7 +177,9 @@ class CRFConfig(StrictModel):
     (``pipeline.crf_params.resolve_params`` merges them; ``stages.refine_crf`` documents each
     parameter). Inconsistent combinations are rejected when the config is validated."""
 
-    preset: Literal["psa", "irn", "clip_es", "toco"] = "psa"
+    preset: Literal["psa", "irn", "clip_es", "toco", "oaa"] = Field(
+        "psa", description="psa | irn | clip_es | toco: dense CRF with that code base's parameters; "
+        "oaa: the official MCIS pseudo-GT rules (gen_gt.py: maps + saliency_dir, no CRF)")
     source: Literal["maps", "cams"] = Field(
         "maps", description="which maps of stage 2's files are refined: the MCIS maps, or the plain "
                             "CAMs of the same classifier (ablation: what co-attention adds)")

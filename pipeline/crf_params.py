@@ -35,6 +35,10 @@ class CRFParams:
     saliency_ignore: float = 32 / 255     # saliency mode: salient background -> 255
     min_foreground: float = 0.01          # saliency mode: less foreground -> whole image 255
     source: str = "maps"                  # which maps of stage 2's file: "maps" (MCIS) or "cams"
+    method: str = "crf"                   # "crf", or "oaa": the official gen_gt.py rules, no CRF
+    fg_threshold: float = 0.3             # oaa: normalised map / 1 - saliency below this -> 0
+    conflict: float = 0.99                # oaa: two channels above this -> 255
+    att_threshold: float = 0.95           # oaa: map above this counts as salient
 
     @property
     def second_background(self) -> float | None:
@@ -62,6 +66,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "toco": dict(iterations=10, unary="scores", background="power", alpha=1.0,
                  gaussian_sxy=1.0, gaussian_compat=1.0, bilateral_sxy=121.0, bilateral_srgb=5.0,
                  bilateral_compat=4.0, confidence=None, downscale=1.0),
+    # MCIS / OAA (Jiang et al., ICCV 2019) gen_gt.py: maps + saliency, no CRF
+    # (pipeline.oaa_rules); needs crf.saliency_dir
+    "oaa": dict(method="oaa", fg_threshold=0.3, conflict=0.99, att_threshold=0.95,
+                saliency_ignore=32 / 255, min_foreground=0.01),
 }
 
 
@@ -84,6 +92,9 @@ def resolve_params(crf: "CRFConfig | None" = None, **overrides: Any) -> CRFParam
         raise ValueError(f"unknown CRF parameter(s): {', '.join(sorted(unknown))}")
     values.update(overrides)
     params = CRFParams(**values)
+    if params.method == "oaa" and crf.saliency_dir is None:
+        raise ValueError("crf.preset=oaa (the official MCIS pseudo-GT rules) needs saliency maps: set "
+                         "crf.saliency_dir to a directory of <id>.png saliency maps")
     if params.background == "power" and crf.bg_low_threshold is not None:
         raise ValueError("crf.bg_low_threshold applies to background=constant; with the power "
                          "background set crf.alpha_high for the confident-background run (switching "

@@ -39,6 +39,9 @@ Labels x_i = argmax_l Q_i(l), mapped to the class ids, then the ignore rules (25
   CRF-background pixels with s >= ``saliency_ignore`` (32/255) -> 255; an image with a
   foreground fraction below ``min_foreground`` (1 %) becomes all 255.
 
+``crf.preset=oaa`` skips the CRF and applies the official MCIS pseudo-GT rules (OAA's
+``gen_gt.py``: maps + saliency, :mod:`pipeline.oaa_rules`) instead.
+
 ``downscale < 1`` runs the CRF on a resized image (bilinear; position stds multiplied by the
 same factor, PSA's ``scale_factor``) and upsamples Q bilinearly before labelling.
 
@@ -77,6 +80,7 @@ from pipeline.config import PipelineConfig, flatten
 from pipeline.crf_params import PRESETS, CRFParams, resolve_params  # noqa: F401 (re-exported)
 from pipeline.data.palette import read_label_png, save_label_png
 from pipeline.maps_io import MapFileError, load_maps, map_path
+from pipeline.oaa_rules import oaa_pseudo_mask
 from pipeline.processes import die_with_parent
 from pipeline.storage import StageResult, atomic_write_text, atomic_write_json, clean_temp_files
 from pipeline.tracking import NULL_TRACKER, Tracker
@@ -260,6 +264,11 @@ def refine_maps(image: np.ndarray, classes: Sequence[int], maps: np.ndarray, par
     if classes.size and (classes.min() < 1 or classes.max() >= IGNORE):
         raise CRFInputError(f"class ids must lie in 1..254, got {classes.tolist()}")
     keys = np.concatenate([[0], classes]).astype(np.uint8)
+    if params.method == "oaa":
+        if saliency is None:
+            raise CRFInputError("crf.preset=oaa needs a saliency map for every image")
+        return oaa_pseudo_mask(classes, maps, saliency, params.fg_threshold, params.conflict,
+                               params.att_threshold, params.saliency_ignore, params.min_foreground)
 
     def run(second: bool) -> np.ndarray:
         scores = np.concatenate([background_score(maps, params, second, saliency)[None], maps])
