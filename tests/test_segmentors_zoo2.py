@@ -1,12 +1,14 @@
 """Segmentor zoo, part 2: SETR (Naive/PUP/MLA), CCNet, ANN, DNLNet, ISANet, ISNet, HRNet (+FCN, +OCR).
 
-Forward/backward and shapes on tiny variants, the attention mechanisms on hand-built cases,
+Forward/backward and shapes on tiny variants, the attention mechanisms and HRNet's bilinear
+fusion on hand-built cases, SETR's class token (MLA: none, as mmseg) and PUP's auxiliary heads,
 parameter counts against models.md's table (counted on the ``meta`` device: no memory, no
 weights), and the exact layers SETR-MLA reads on a real ViT-L.
 """
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,7 @@ from models.segmentors import available, build_segmentor
 from models.segmentors.ann import PPMConcat
 from models.segmentors.ccnet import CrissCrossAttention
 from models.segmentors.dnlnet import DisentangledNonLocal2d
-from models.segmentors.hrnet import HRNet, build_hrnet
+from models.segmentors.hrnet import HRModule, HRNet, build_hrnet
 from models.segmentors.isanet import ISAHead
 from models.segmentors.isnet import class_representations
 from models.segmentors.setr import convert_mmseg_setr
@@ -46,7 +48,7 @@ TINY = {
 # expected training outputs -> (stride of the logits w.r.t. the input, loss weight)
 OUTPUTS = {
     "setr_naive": {"out": (4, 1.0), "aux_0": (1, 0.4), "aux_1": (1, 0.4), "aux_2": (1, 0.4)},
-    "setr_pup": {"out": (1, 1.0), "aux_0": (4, 0.4), "aux_1": (4, 0.4), "aux_2": (4, 0.4)},
+    "setr_pup": {"out": (1, 1.0), "aux_0": (1, 0.4), "aux_1": (1, 0.4), "aux_2": (1, 0.4)},
     "setr_mla": {"out": (4, 1.0), **{f"aux_{i}": (16, 0.4) for i in range(4)}},
     "ccnet": {"out": (8, 1.0), "aux": (8, 0.4)},
     "ann": {"out": (8, 1.0), "aux": (8, 0.4)},
@@ -87,9 +89,11 @@ def test_forward_backward_shapes(name):
     for group in (model.backbone_parameters(), model.head_parameters()):
         grads = [p.grad for p in group if p.grad is not None]
         assert grads and sum(float(g.abs().sum()) for g in grads) > 0
-    # every parameter takes part in the loss: DDP (pipeline.runtime.wrap_ddp) needs no
-    # find_unused_parameters
-    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    # every trainable parameter takes part in the loss: DDP (pipeline.runtime.wrap_ddp) needs
+    # no find_unused_parameters; only SETR-MLA's class token (unused, as mmseg's) is frozen
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == \
+        (["backbone.class_token"] if name == "setr_mla" else [])
     model.eval()
     with torch.no_grad():
         y = model(torch.randn(1, 3, 48, 80))["out"]
@@ -284,6 +288,65 @@ def test_hrnet_branches_and_concat():
             "stage4.2.fuse_layers.3.0.0.0.weight", "stage4.2.branches.3.3.conv2.weight"} <= names
 
 
+def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """Row o: the weights of the n_in inputs in output o of a bilinear resize with
+    align_corners=False (source coordinate (o + 0.5) n_in / n_out - 0.5, clamped to the border)."""
+    w = np.zeros((n_out, n_in))
+    for o in range(n_out):
+        src = max((o + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = min(int(np.floor(src)), n_in - 1)
+        lam = src - i0
+        w[o, i0] += 1 - lam
+        w[o, min(i0 + 1, n_in - 1)] += lam
+    return w
+
+
+def _plain_fusion(channels):
+    """An HRModule whose branches are identities and whose j > i fuse convs/BNs are identities,
+    so that fused output 0 is ReLU(x_0 + Σ_j resize(x_j))."""
+    module = HRModule(channels, num_blocks=1).eval()
+    module.branches = nn.ModuleList(nn.Identity() for _ in channels)
+    with torch.no_grad():
+        for j in range(1, len(channels)):
+            conv, bn = module.fuse_layers[0][j][0], module.fuse_layers[0][j][1]
+            conv.weight.copy_(torch.eye(channels[0], channels[j]).view(channels[0], channels[j], 1, 1))
+            bn.eps = 0.0
+    return module
+
+
+def test_hrnet_fuse_upsamples_bilinear_by_hand():
+    # 2x2 -> 4x4, align_corners=False: outputs at source coordinates -0.25 (clamped to 0),
+    # 0.25, 0.75, 1.25 (clamped to 1)
+    by_hand = np.array([[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])
+    assert np.allclose(_bilinear_matrix(2, 4), by_hand)
+    module = _plain_fusion([2, 2])
+    x1 = torch.tensor([[[1.0, 2.0], [3.0, 5.0]], [[0.5, 4.0], [2.0, 1.0]]])[None]
+    with torch.no_grad():
+        out = module([torch.zeros(1, 2, 4, 4), x1])[0]
+    expected = np.stack([by_hand @ c @ by_hand.T for c in x1[0].double().numpy()])
+    assert np.allclose(out[0].double().numpy(), expected, atol=1e-6)
+    # channel 0, output row 1 by hand: 0.75 * (1, 1.25, 1.75, 2) + 0.25 * (3, 3.5, 4.5, 5)
+    assert np.allclose(out[0, 0, 1].numpy(), [1.5, 1.8125, 2.4375, 2.75])
+
+
+def test_hrnet_fuse_odd_sizes_upsample_then_resize():
+    """Sides 5x7 -> 3x4 -> 2x2 (stride-2 convs): mmseg upsamples by 2 / 4 to 6x8 / 8x8, then
+    resizes bilinearly to 5x7."""
+    torch.manual_seed(0)
+    module = _plain_fusion([2, 2, 2])
+    x1, x2 = torch.rand(1, 2, 3, 4), torch.rand(1, 2, 2, 2)
+    with torch.no_grad():
+        out = module([torch.zeros(1, 2, 5, 7), x1, x2])[0]
+    expected = 0
+    for x, s in ((x1, 2), (x2, 4)):
+        h, w = x.shape[-2:]
+        rows = _bilinear_matrix(h * s, 5) @ _bilinear_matrix(h, h * s)
+        cols = _bilinear_matrix(w * s, 7) @ _bilinear_matrix(w, w * s)
+        expected = expected + np.stack([rows @ c @ cols.T for c in x[0].double().numpy()])
+    assert out.shape == (1, 2, 5, 7)
+    assert np.allclose(out[0].double().numpy(), expected, atol=1e-6)
+
+
 def test_hrnet_loads_msra_style_checkpoint(tmp_path):
     """ImageNet HRNet checkpoints carry classification parts (ignored) and mmseg's names."""
     src = HRNet("tiny")
@@ -331,7 +394,10 @@ def test_vit_encoder_matches_torchvision_and_interpolates():
     torch.manual_seed(0)
     ref = VisionTransformer(image_size=64, patch_size=16, num_layers=8, num_heads=4, hidden_dim=64,
                             mlp_dim=128).eval()
+    with torch.no_grad():
+        ref.conv_proj.bias.normal_()   # pretrained ViTs have a patch bias; ours folds it into P
     enc = ViTEncoder("vit_tiny", img_size=64, out_indices=(7,)).eval()
+    assert enc.conv_proj.bias is None and "conv_proj.bias" not in enc.state_dict()
     enc.load_vit_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -356,7 +422,6 @@ def test_mmseg_vit_names_convert():
     enc = ViTEncoder("vit_tiny", img_size=64, out_indices=(7,))
     ours = enc.state_dict()
     mm = {"patch_embed.projection.weight": ours["conv_proj.weight"],
-          "patch_embed.projection.bias": ours["conv_proj.bias"],
           "cls_token": ours["class_token"], "pos_embed": ours["encoder.pos_embedding"]}
     for i in range(8):
         p = f"encoder.layers.encoder_layer_{i}."
@@ -376,12 +441,56 @@ def test_mmseg_vit_names_convert():
     enc.load_mmseg_state_dict({"state_dict": big})
     assert enc.encoder.pos_embedding.shape == (1, 17, 64)
     assert torch.equal(enc.encoder.pos_embedding[:, 0], big["pos_embed"][:, 0])
+    # an ImageNet (timm-converted) ViT has a patch bias: folded into the patch positions
+    bias, pos = torch.randn(64), torch.randn(1, 17, 64)
+    enc.load_mmseg_state_dict(dict(mm, pos_embed=pos, **{"patch_embed.projection.bias": bias}))
+    assert torch.allclose(enc.encoder.pos_embedding[0, 1:], pos[0, 1:] + bias)
+    assert torch.equal(enc.encoder.pos_embedding[0, 0], pos[0, 0])
     model = build_segmentor("setr_naive", 3, **TINY["setr_naive"])
     full = {("backbone." + k if k in mm else k): v for k, v in mm.items()}
     full.update({k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")})
     model.load_state_dict(convert_mmseg_setr({"state_dict": full}))
     with pytest.raises(KeyError, match="layers.0.bogus"):
         convert_mmseg_vit({"layers.0.bogus.weight": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("name,with_cls", [("setr_mla", False), ("setr_naive", True), ("setr_pup", True)])
+def test_setr_class_token_only_where_mmseg_has_it(name, with_cls):
+    """MLA drops the class token before the layers (the sequence holds the patches only, the
+    token does not affect any output); Naive and PUP carry it through every layer."""
+    torch.manual_seed(0)
+    model = build_segmentor(name, 3, **TINY[name]).eval()
+    assert model.backbone.with_cls_token is with_cls
+    lengths = []
+    hooks = [layer.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
+             for layer in model.backbone.encoder.layers]
+    x = torch.randn(1, 3, 48, 80)   # 3 x 5 = 15 patches
+    with torch.no_grad():
+        before = model(x)["out"]
+        model.backbone.class_token.normal_(0.0, 10.0)
+        after = model(x)["out"]
+    for h in hooks:
+        h.remove()
+    assert set(lengths) == {15 + with_cls}
+    assert torch.equal(before, after) is (not with_cls)
+
+
+def test_setr_pup_auxiliary_heads_at_full_resolution():
+    """mmseg's PUP auxiliary heads: two (3x3 ConvModule + bilinear x4) stages, so the second
+    conv runs at 1/4 and the logits come out at the input's resolution."""
+    torch.manual_seed(0)
+    model = build_segmentor("setr_pup", 3, **TINY["setr_pup"]).train()
+    conv_in = []
+    head = model.auxiliary_head[0]
+    assert [stage[1].scale_factor for stage in head.up_convs] == [4, 4]
+    hooks = [stage[0].register_forward_pre_hook(lambda m, args: conv_in.append(tuple(args[0].shape[-2:])))
+             for stage in head.up_convs]
+    out = model(torch.randn(2, 3, 64, 96))
+    for h in hooks:
+        h.remove()
+    assert conv_in == [(4, 6), (16, 24)]
+    assert [out[f"aux_{i}"].shape for i in range(3)] == [(2, 3, 64, 96)] * 3
+    assert out["out"].shape == (2, 3, 64, 96)
 
 
 # --------------------------------------------------------------------------- parameter counts
@@ -463,7 +572,9 @@ def test_setr_mla_reads_exactly_layers_6_12_18_24(setr_mla_large):
     for h in hooks:
         h.remove()
     assert out["out"].shape == (1, 21, 8, 12)
-    as_map = {k: v[:, 1:].transpose(1, 2).reshape(1, 1024, 2, 3) for k, v in layer_out.items()}
+    # no class token (mmseg's with_cls_token=False): every layer sees the 2x3 patches only
+    assert {tuple(v.shape) for v in layer_out.values()} == {(1, 6, 1024)}
+    as_map = {k: v.transpose(1, 2).reshape(1, 1024, 2, 3) for k, v in layer_out.items()}
     assert len(neck_in) == 4
     for feat, layer in zip(neck_in, (6, 12, 18, 24)):
         matches = [k + 1 for k, m in as_map.items() if torch.equal(m, feat)]

@@ -12,10 +12,15 @@ Notation: ``F_l`` = output of transformer layer ``l`` as a ``(D, H/16, W/16)`` m
   1x1 conv blocks, logits at full resolution).
 * **PUP** (``setr_pup``, progressive upsampling): ``y = cls(Up_2(CBR_3(...Up_2(CBR_3(LN(F_24))))))``
   with four ``CBR_3 + Up_2`` stages (D -> 256 -> 256 -> 256 -> 256), logits at full
-  resolution. Auxiliary heads on F_10, F_15, F_20 with two ``CBR_3 + Up_2`` stages (1/4).
+  resolution. Auxiliary heads on F_10, F_15, F_20: ``cls(Up_4(CBR_3(Up_4(CBR_3(LN(F_l))))))``
+  (two ``CBR_3 + Up_4`` stages: the second conv runs at 1/4, logits at full resolution), as
+  mmseg's PUP configs, which leave ``up_scale`` at ``SETRUPHead``'s default of 4.
 * **MLA** (``setr_mla``, multi-level feature aggregation) on F_6, F_12, F_18, F_24 (exactly
-  these layers for ViT-L; the same quarters of the depth for smaller ViTs):
-  neck ``Z_l = CBR_1(LN(F_l))`` (D -> 256); top-down cumulative sums
+  these layers for ViT-L; the same quarters of the depth for smaller ViTs). The encoder runs
+  without the class token (mmseg's MLA config: ``with_cls_token=False``, and the original
+  code's ``VIT_MLA``: the token is dropped before the first layer, the sequence holds only
+  the patches; Naive and PUP keep it).
+  Neck ``Z_l = CBR_1(LN(F_l))`` (D -> 256); top-down cumulative sums
   ``M_1 = Z_24, M_2 = M_1 + Z_18, M_3 = M_2 + Z_12, M_4 = M_3 + Z_6``; ``P_i = CBR_3(M_i)``.
   Head: per level ``U_i = Up_4(CBR_3(CBR_3(P_i)))`` (256 -> 128 -> 128), ``y = cls([U_1..U_4])``
   (512 -> K, logits at 1/4). Auxiliary: a 1x1 classifier on each ``P_i``.
@@ -36,11 +41,13 @@ and upsampling uses ``align_corners=False`` (original: True); 3 auxiliary heads 
 Naive/PUP (the original Pascal Context config used 4, on layers 10/15/20/24).
 
 Parameters at 21 classes, 512x512 crops, ViT-L (position embedding stored for the 32x32
-grid of a 512 crop, no final norm): Naive 305.42 M, PUP 317.16 M, MLA 309.37 M (models.md:
-305.42 / 317.16 / 309.37); our encoder carries one identity where torchvision's final
-LayerNorm was (no parameters), so the counts equal mmseg's exactly. mmseg SETR checkpoints
-load after :func:`convert_mmseg_setr` (the heads and neck already use mmseg's names, only the
-ViT's names are torchvision's).
+grid of a 512 crop, class token kept, no final norm, patch embedding without bias):
+Naive 305,424,980, PUP 317,157,460, MLA 309,370,473 (models.md: 305.42 / 317.16 / 309.37 M),
+equal to mmseg's parameter for parameter: same names and shapes as mmseg's modules built from
+its configs (checked at ADE20K's 150 classes against ``tests/data/mmseg_keys``; our encoder
+carries one identity where torchvision's final LayerNorm was, no parameters). mmseg SETR
+checkpoints load strictly after :func:`convert_mmseg_setr` (the heads and neck already use
+mmseg's names, only the ViT's names are torchvision's).
 """
 
 import math
@@ -60,10 +67,18 @@ MLA_LAYER_FRACTIONS = (6 / 24, 12 / 24, 18 / 24, 24 / 24)
 
 
 class TokenLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channels of a ``(N, C, H, W)`` map (each position a token)."""
+    """LayerNorm over the channels of a ``(N, C, H, W)`` map (each position a token).
+
+    The encoder's maps are views of its ``(N, L, C)`` tokens, so ``x.permute(0, 2, 3, 1)`` is
+    the token layout: contiguous without a class token (MLA), one copy with it (the slice
+    ``z[:, 1:]`` skips a row per image; ``layer_norm`` would copy internally otherwise). The
+    normalised map is returned as a channels-last view, and the following convolutions and
+    upsamplings run channels-last: converting it back to a contiguous NCHW map (mmseg's
+    layout; the same values) made the SETR-Naive head's training step about 18 % slower on
+    CPU (2 x 1024 x 32 x 32 input, one thread)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return super().forward(x.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
 
 
 def _upsample(scale: int) -> nn.Upsample:
@@ -72,7 +87,8 @@ def _upsample(scale: int) -> nn.Upsample:
 
 class SETRUPHead(DecodeHead):
     """mmseg ``SETRUPHead``: ``LN`` then ``num_convs`` x (k x k ConvModule + bilinear x up_scale),
-    then the classifier. Naive: 1 conv, k=1, x4; PUP: 4 convs, k=3, x2."""
+    then the classifier. Naive: 1 conv, k=1, x4 (auxiliary: 2 convs); PUP: 4 convs, k=3, x2
+    (auxiliary: 2 convs, k=3, x4)."""
 
     def __init__(self, in_channels: int, channels: int, num_classes: int, num_convs: int = 1,
                  up_scale: int = 4, kernel_size: int = 1, dropout_ratio: float = 0.0,
@@ -182,8 +198,12 @@ def crop_img_size(backbone: str, crop_size: int) -> int:
     return -(-int(crop_size) // patch) * patch
 
 
-def _encoder(backbone, pretrained, img_size, fractions, out_indices, drop_rate, weights) -> ViTEncoder:
+def _encoder(backbone, pretrained, img_size, fractions, out_indices, drop_rate, weights,
+             with_cls_token: bool = True) -> ViTEncoder:
     if isinstance(backbone, ViTEncoder):
+        if backbone.with_cls_token != with_cls_token:
+            raise ValueError(f"this SETR variant needs a ViTEncoder with with_cls_token={with_cls_token} "
+                             f"(as mmseg's config), got {backbone.with_cls_token}")
         return backbone
     if not isinstance(backbone, str):
         raise ValueError(f"SETR needs a ViT backbone name, got {type(backbone).__name__}")
@@ -195,7 +215,7 @@ def _encoder(backbone, pretrained, img_size, fractions, out_indices, drop_rate, 
     layers = VIT_ARCHS[name].num_layers
     indices = tuple(out_indices) if out_indices is not None else layer_fractions_to_indices(layers, fractions)
     return ViTEncoder(name, img_size=img_size, out_indices=indices, drop_rate=drop_rate,
-                      pretrained=pretrained, weights=weights)
+                      pretrained=pretrained, weights=weights, with_cls_token=with_cls_token)
 
 
 @register("setr_naive")
@@ -218,11 +238,12 @@ def build_setr_pup(num_classes: int, backbone: str | ViTEncoder = "vit_large", p
                    *, img_size: int = 512, channels: int = 256, aux: bool = True,
                    aux_weight: float = 0.4, drop_rate: float = 0.0, weights: str = "IMAGENET1K_V1",
                    out_indices=None) -> SETR:
-    """SETR-PUP: four 3x3 conv + x2 upsampling stages (logits at full resolution)."""
+    """SETR-PUP: four 3x3 conv + x2 upsampling stages (logits at full resolution); auxiliary
+    heads two 3x3 conv + x4 stages (full resolution too)."""
     enc = _encoder(backbone, pretrained, img_size, UP_LAYER_FRACTIONS, out_indices, drop_rate, weights)
     d, n = enc.embed_dim, len(enc.out_indices)
     head = SETRUPHead(d, channels, num_classes, num_convs=4, up_scale=2, kernel_size=3, in_index=n - 1)
-    auxs = [SETRUPHead(d, channels, num_classes, num_convs=2, up_scale=2, kernel_size=3, in_index=i)
+    auxs = [SETRUPHead(d, channels, num_classes, num_convs=2, up_scale=4, kernel_size=3, in_index=i)
             for i in range(n - 1)] if aux else []
     return SETR(enc, head, auxs, aux_weight=aux_weight)
 
@@ -232,8 +253,10 @@ def build_setr_mla(num_classes: int, backbone: str | ViTEncoder = "vit_large", p
                    *, img_size: int = 512, channels: int = 256, mla_channels: int = 128,
                    aux: bool = True, aux_weight: float = 0.4, drop_rate: float = 0.0,
                    weights: str = "IMAGENET1K_V1", out_indices=None) -> SETR:
-    """SETR-MLA on layers 6/12/18/24 (ViT-L; quarters of the depth otherwise)."""
-    enc = _encoder(backbone, pretrained, img_size, MLA_LAYER_FRACTIONS, out_indices, drop_rate, weights)
+    """SETR-MLA on layers 6/12/18/24 (ViT-L; quarters of the depth otherwise), encoder without
+    the class token."""
+    enc = _encoder(backbone, pretrained, img_size, MLA_LAYER_FRACTIONS, out_indices, drop_rate, weights,
+                   with_cls_token=False)
     levels = len(enc.out_indices)
     neck = MLANeck([enc.embed_dim] * levels, channels)
     head = SETRMLAHead([channels] * levels, mla_channels, num_classes)

@@ -2,12 +2,20 @@
 Sequence-to-Sequence Perspective with Transformers", CVPR 2021).
 
 The transformer itself is torchvision's :class:`~torchvision.models.VisionTransformer`
-(patch embedding ``conv_proj``, ``class_token``, ``encoder.pos_embedding`` and the
-``encoder.layers`` blocks, pre-LN, LayerNorm eps 1e-6, qkv bias); this module only drives it
-layer by layer to return the outputs of chosen layers as feature maps:
+(``class_token``, ``encoder.pos_embedding`` and the ``encoder.layers`` blocks, pre-LN,
+LayerNorm eps 1e-6, qkv bias) with mmseg's patch embedding ``conv_proj``: a 16x16 stride-16
+conv *without bias* (mmseg's ``patch_bias=False``; torchvision's has one). This module drives
+the blocks layer by layer to return the outputs of chosen layers as feature maps:
 
     z_0 = [x_cls; E·patches(x)] + P,        z_l = Block_l(z_{l-1})  (l = 1..L)
     F_l = reshape(z_l[1:], (D, H/16, W/16))   for l in ``out_indices`` (0-based: l-1)
+
+With ``with_cls_token=False`` (mmseg's SETR-MLA configuration) the class token is dropped
+after the position embedding is added, before the first layer: ``z_0 = E·patches(x) + P[1:]``
+and ``F_l = reshape(z_l, ...)``; the sequence then holds only the ``H/16 · W/16`` patches.
+``class_token`` (and ``P[0]``) stay in the state dict, as in mmseg's checkpoints, but take
+no part in the output; the unused ``class_token`` is frozen (``requires_grad=False``) so that
+DDP needs no ``find_unused_parameters``.
 
 * Position embeddings: ``P`` is stored for the crop size (``img_size``, 512 by default, as
   mmseg's SETR) and bilinearly interpolated (``align_corners=False``) whenever the input
@@ -23,6 +31,12 @@ layer by layer to return the outputs of chosen layers as feature maps:
   the torch hub cache, otherwise a clear error. The paper used ImageNet-21k weights
   (``jx_vit_large_p16_384``), which torchvision does not ship; :func:`convert_mmseg_vit`
   maps an mmseg/timm-style SETR checkpoint onto this module's names.
+* Pretrained patch biases: ImageNet checkpoints (torchvision's, timm's) have a patch bias
+  ``b``. It is folded into the patch entries of the position embedding,
+  ``P[1:] <- P[1:] + b``, which is exact (``E·p + b + P_i = E·p + (P_i + b)``, and bilinear
+  resizing keeps a constant offset) and keeps the pretrained network's function. mmseg
+  instead drops the bias (its ``init_weights`` loads with ``strict=False``): the one
+  place where our ImageNet initialisation differs from mmseg's.
 
 Architectures: ``vit_large`` (ViT-L/16: 24 layers, D 1024, 16 heads, MLP 4096 — the
 paper's "T-Large"), ``vit_base`` (ViT-B/16: 12 layers, D 768, 12 heads, MLP 3072) and
@@ -112,7 +126,7 @@ class ViTEncoder(nn.Module):
 
     def __init__(self, name: str = "vit_large", img_size: int = 512, out_indices=(23,),
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, pretrained: bool = False,
-                 weights: str = "IMAGENET1K_V1"):
+                 weights: str = "IMAGENET1K_V1", with_cls_token: bool = True):
         super().__init__()
         name = resolve_vit_name(name)
         arch = VIT_ARCHS[name]
@@ -134,8 +148,13 @@ class ViTEncoder(nn.Module):
             image_size=img_size, patch_size=arch.patch_size, num_layers=arch.num_layers,
             num_heads=arch.num_heads, hidden_dim=arch.hidden_dim, mlp_dim=arch.mlp_dim,
             dropout=drop_rate, attention_dropout=attn_drop_rate)
-        self.conv_proj = vit.conv_proj
+        # mmseg's patch embedding has no bias (patch_bias=False): torchvision's initialised
+        # weight in a bias-free conv
+        self.conv_proj = nn.Conv2d(3, arch.hidden_dim, arch.patch_size, arch.patch_size, bias=False)
+        self.conv_proj.weight = vit.conv_proj.weight
+        self.with_cls_token = bool(with_cls_token)
         self.class_token = vit.class_token
+        self.class_token.requires_grad_(self.with_cls_token)
         self.encoder = vit.encoder
         self.encoder.ln = nn.Identity()  # SETR: no final norm, the decoders normalise
         if state is not None:
@@ -150,14 +169,22 @@ class ViTEncoder(nn.Module):
         self.load_vit_state_dict(state)
 
     def load_vit_state_dict(self, state: dict) -> None:
-        """Load a torchvision-named ViT state dict, resizing the position embedding and
-        dropping the classifier and final norm."""
+        """Load a torchvision-named ViT state dict, resizing the position embedding, folding a
+        patch bias ``conv_proj.bias`` into it and dropping the classifier and final norm."""
         state = {k: v for k, v in state.items()
                  if not k.startswith(("heads.", "encoder.ln."))}
         key = "encoder.pos_embedding"
         if key in state:
             grid = int(round((self.encoder.pos_embedding.shape[1] - 1) ** 0.5))
             state[key] = interpolate_pos_embed(state[key], (grid, grid))
+        bias = state.pop("conv_proj.bias", None)
+        if bias is not None:
+            if key not in state:
+                raise RuntimeError(f"ViT weights for {self.name} have a patch bias but no position "
+                                   "embedding to fold it into")
+            pos = state[key].clone()
+            pos[:, 1:] += bias.to(pos.dtype)
+            state[key] = pos
         missing, unexpected = self.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise RuntimeError(f"ViT weights do not fit {self.name}: missing {missing[:5]}, "
@@ -181,9 +208,13 @@ class ViTEncoder(nn.Module):
         x = self.conv_proj(x)
         gh, gw = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)
-        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
-        x = x + interpolate_pos_embed(self.encoder.pos_embedding, (gh, gw))
+        pos = interpolate_pos_embed(self.encoder.pos_embedding, (gh, gw))
+        if self.with_cls_token:
+            x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1) + pos
+        else:  # mmseg's with_cls_token=False: the class token is removed before the layers
+            x = x + pos[:, 1:]
         x = self.encoder.dropout(x)
+        skip = 1 if self.with_cls_token else 0
         feats = {}
         last = max(self.out_indices)
         for i, layer in enumerate(self.encoder.layers):
@@ -191,7 +222,7 @@ class ViTEncoder(nn.Module):
                 break  # later layers do not contribute to any output
             x = layer(x)
             if i in self.out_indices:
-                feats[i] = x[:, 1:].transpose(1, 2).reshape(n, self.embed_dim, gh, gw)
+                feats[i] = x[:, skip:].transpose(1, 2).reshape(n, self.embed_dim, gh, gw)
         return [feats[i] for i in self.out_indices]
 
 
