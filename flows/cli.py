@@ -121,9 +121,11 @@ def _cmd_deploy(args) -> int:
 
 # ---------------------------------------------------------------------- runs
 def submit(home: Path, deployment: str, config, stages: list[str] | None = None, force: bool = False,
-           watch: bool = True, echo: bool = True, timeout: float | None = None) -> tuple[int, str | None, str]:
+           watch: bool = True, echo: bool = True, timeout: float | None = None,
+           validate: bool = False) -> tuple[int, str | None, str]:
     """``prefect deployment run wsss/<deployment> [--watch]`` with the full config as
-    parameter; returns (exit code, flow-run id, output)."""
+    parameter (and ``validate``: the flow decodes every input file first); returns (exit
+    code, flow-run id, output)."""
     from flows import services
     from pipeline.config import config_to_dict
 
@@ -133,6 +135,8 @@ def submit(home: Path, deployment: str, config, stages: list[str] | None = None,
         params["stages"] = stages
     if force:
         params["force"] = True
+    if validate:
+        params["validate"] = True
     command = [sys.executable, "-m", "prefect", "deployment", "run", f"wsss/{deployment}",
                "--params", json.dumps(params)]
     if watch:
@@ -214,7 +218,8 @@ def _run_and_report(args, deployment: str, config) -> int:
 
     home = _home(args)
     stages = args.stages.split(",") if args.stages else None
-    code, run_id, output = submit(home, deployment, config, stages, args.force, watch=not args.no_watch)
+    code, run_id, output = submit(home, deployment, config, stages, args.force, watch=not args.no_watch,
+                                  validate=args.validate)
     if run_id is None:
         print("wsss: could not create the flow run (output above)", file=sys.stderr)
         return code or 1
@@ -269,7 +274,8 @@ def _cmd_flow(args) -> int:
 
     config = config_from_args(args)
     stages = args.stages.split(",") if args.stages else None
-    results = wsss(config=config, **({"stages": stages} if stages else {}), force=args.force)
+    results = wsss(config=config, **({"stages": stages} if stages else {}), force=args.force,
+                   validate=args.validate)
     from pipeline.cli_run import format_summary
     from pipeline.storage import StageResult
 
@@ -296,6 +302,8 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--stages", default="", help="comma-separated subset (default: all five)")
     parser.add_argument("--force", action="store_true", help="recompute the selected stages")
+    parser.add_argument("--validate", action="store_true",
+                        help="the flow decodes every image and mask it will read before the first stage")
 
 
 def add_commands(sub) -> None:

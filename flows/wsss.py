@@ -45,7 +45,8 @@ from pipeline.cli_run import format_summary
 from pipeline.config import PipelineConfig, flatten, preset
 from pipeline.storage import StageResult, atomic_write_json, is_complete, stage_dir, stage_lock
 from pipeline.tracking import NULL_TRACKER, Tracker
-from stages import STAGE_ORDER, STAGES, check_stage_names, needed_stages, run_stage, stage_config, stage_key
+from stages import (STAGE_ORDER, STAGES, check_run_inputs, check_stage_names, needed_stages, run_stage,
+                    stage_config, stage_key)
 
 StageName = Literal[STAGE_ORDER]  # type: ignore[valid-type]  # the five names, for the schema
 SUMMARY_KEY = "wsss-summary"
@@ -202,11 +203,12 @@ def summary_rows(results: dict[str, StageResult]) -> list[dict[str, Any]]:
 @flow(name="wsss", log_prints=True, persist_result=False)
 def wsss(config: PipelineConfig = preset("demo"),
          stages: list[StageName] = list(STAGE_ORDER),
-         force: bool = False) -> dict[str, dict[str, Any]]:
+         force: bool = False, validate: bool = False) -> dict[str, dict[str, Any]]:
     """Weakly-supervised semantic segmentation, end to end: train the MCIS classifier, make
     localization maps, refine them with a dense CRF, train the segmentors on the pseudo-masks,
     evaluate. ``stages`` picks a subset (their inputs are reused or computed); ``force``
-    recomputes the selected stages."""
+    recomputes the selected stages. Before any stage, every file of every split the run will
+    read must exist with a readable header; ``validate`` decodes them all instead."""
     from prefect.runtime import deployment, flow_run
 
     logger = get_run_logger()
@@ -216,6 +218,8 @@ def wsss(config: PipelineConfig = preset("demo"),
     workdir = resolve_workdir(config.workdir)
     logger.info("wsss %s: stages %s (selected %s, force=%s), workdir %s",
                 config.name, ", ".join(plan), ", ".join(selected), force, workdir)
+    checked = check_run_inputs(config, selected, force=force, decode=validate)
+    logger.info("inputs %s: split(s) %s", "decoded" if validate else "checked", ", ".join(checked) or "none")
 
     parent, tracking = None, None
     if tracking_enabled():

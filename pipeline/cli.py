@@ -12,6 +12,7 @@ import json
 import sys
 
 from pipeline.config import ConfigError, config_to_dict, load_config
+from pipeline.errors import DiskFullError, InputError
 
 # modules contributing sub-commands; a missing optional one is skipped
 COMMAND_MODULES = ("pipeline.data.commands", "pipeline.cli_run", "flows.cli")
@@ -23,6 +24,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="preset name (voc, coco, demo) or a YAML/JSON file (default: demo)")
     parser.add_argument("--set", "-s", dest="overrides", action="append", default=[],
                         metavar="FIELD=VALUE", help="dotted override, e.g. crf.iterations=5 (repeatable)")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of input and disk errors (default: one line)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -36,6 +39,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsss", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of input and disk errors (default: one line)")
     sub = parser.add_subparsers(dest="command", required=True)
     show = sub.add_parser("config", help="print the resolved configuration as JSON")
     add_config_arguments(show)
@@ -52,13 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a sub-command. Bad input (config, dataset or stage input files) prints one line
+    and exits 2; a full disk prints one line and exits 1; ``--debug`` re-raises instead."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as err:
+    except (ConfigError, InputError, DiskFullError) as err:
+        if args.debug:
+            raise
         print(f"wsss: {err}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(err, DiskFullError) else 2
 
 
 if __name__ == "__main__":

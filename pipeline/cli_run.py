@@ -25,13 +25,17 @@ def format_summary(results) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from stages import run_pipeline
+    from stages import check_run_inputs, run_pipeline
 
     if getattr(args, "skip_missing", False):
         args.overrides.append("crf.skip_missing=true")
     config = config_from_args(args)
     stages = args.stages.split(",") if args.stages else None
     start = time.time()
+    checked = check_run_inputs(config, stages, force=args.force, decode=args.validate)
+    if checked:
+        print(f"[wsss] inputs {'decoded' if args.validate else 'checked'} in {time.time() - start:.1f}s: "
+              f"split(s) {', '.join(checked)}", flush=True)
     results = run_pipeline(config, stages=stages, force=args.force,
                            on_result=lambda r: print(f"[wsss] {r.stage}: {'cached' if r.cached else 'done'} "
                                                      f"in {r.duration_s:.1f}s -> {r.path}", flush=True),
@@ -46,6 +50,9 @@ def add_commands(sub) -> None:
     add_config_arguments(run)
     run.add_argument("--stages", default="", help="comma-separated subset (default: all five)")
     run.add_argument("--force", action="store_true", help="recompute the selected stages")
+    run.add_argument("--validate", action="store_true",
+                     help="decode every image and mask the run will read before starting (as `wsss "
+                          "data info`); without it only their existence and headers are checked")
     run.add_argument("--skip-missing", action="store_true",
                      help="stage 3: skip (and count) images without a map file instead of failing")
     run.set_defaults(func=_cmd_run)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESETS = ("voc", "coco", "demo")
 
@@ -274,6 +274,19 @@ class SegmentorConfig(StrictModel):
     parallel: bool = Field(False, description="train the listed models in parallel processes")
     nproc: int = Field(1, ge=1, description="DDP processes per model (>1 launches torchrun: gloo on "
                                             "CPU, NCCL on CUDA); batch_size is the total over them")
+
+    @field_validator("models")
+    @classmethod
+    def _registered_models(cls, models: list[str]) -> list[str]:
+        """Every name must be a registered segmentor (read from models/segmentors' source,
+        without importing torch): refused when the config is loaded, not when stage 4 starts."""
+        from pipeline.registry import segmentor_names
+
+        unknown = [m for m in models if m not in segmentor_names()]
+        if unknown:
+            raise ValueError(f"unknown segmentor(s) {', '.join(map(repr, unknown))}; available: "
+                             f"{', '.join(segmentor_names())}")
+        return models
 
     @model_validator(mode="after")
     def _scale_order(self):

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import InputError
 from pipeline.storage import atomic_path
 
 
-class MapFileError(ValueError):
+class MapFileError(InputError):
     """A map file is missing, malformed, or holds non-finite values."""
 
 

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from pipeline.config import PipelineConfig, config_to_dict
-from pipeline.storage import (StageResult, clean_temp_files, code_version, finish_stage,
-                              is_complete, provenance_key, read_manifest, stage_dir, stage_lock)
+from pipeline.errors import InputError
+from pipeline.storage import (StageResult, canonical_json, clean_temp_files, code_version,
+                              finish_stage, hash_text, is_complete, provenance_key, read_manifest,
+                              stage_dir, stage_lock)
 from pipeline.tracking import NULL_TRACKER, Tracker
 
 
@@ -51,7 +53,7 @@ def check_stage_names(names: Iterable[str]) -> list[str]:
     names = list(names)
     unknown = [n for n in names if n not in STAGES]
     if unknown:
-        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGE_ORDER)}")
+        raise InputError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGE_ORDER)}")
     return [n for n in STAGE_ORDER if n in names]
 
 
@@ -147,6 +149,57 @@ def needed_stages(selected: Iterable[str]) -> list[str]:
         if name in needed:
             needed.update(STAGES[name].upstream)
     return [name for name in STAGE_ORDER if name in needed]
+
+
+def splits_read(config: PipelineConfig, name: str) -> tuple[str, ...]:
+    """The dataset splits stage ``name`` reads (stage 5: the segmentor split, then the split
+    its maps and pseudo-masks are scored on, as ``stages.evaluate.scored_train_split``)."""
+    maps_split = config.maps.split or config.data.train_split
+    return {
+        "train_classifier": (config.data.train_split,),
+        "generate_cams": (maps_split,),
+        "refine_crf": (maps_split,),
+        "train_segmentor": (config.data.train_split,),
+        "evaluate": (config.evaluation.split or config.data.val_split,
+                     config.evaluation.train_split or maps_split),
+    }[name]
+
+
+def stages_to_compute(config: PipelineConfig, selected: Iterable[str], force: bool = False) -> list[str]:
+    """The stages a run of ``selected`` will compute: those of the plan whose output is not
+    complete, plus the selected ones under ``force`` (keys need no outputs, so this is exact
+    before anything runs)."""
+    selected = set(check_stage_names(selected))
+    keys: dict[str, str] = {}
+    todo = []
+    for name in needed_stages(selected):
+        keys[name] = stage_key(config, name, {u: keys[u] for u in STAGES[name].upstream})
+        if (force and name in selected) or not is_complete(stage_dir(config.workdir, name, keys[name])):
+            todo.append(name)
+    return todo
+
+
+def check_run_inputs(config: PipelineConfig, selected: Iterable[str] | None = None,
+                     force: bool = False, decode: bool = False) -> list[str]:
+    """Before any compute: every file of every split the run will read exists and its header
+    opens (images and masks, mask sizes equal to the image sizes); ``decode`` reads every file
+    in full instead (``wsss data info``'s check: truncated files, mask values). Raises
+    :class:`pipeline.data.DatasetError` naming the file; returns the splits checked.
+    Synthetic data is generated here when missing (under a lock: concurrent runs share it)."""
+    from pipeline.data import build_dataset
+
+    todo = stages_to_compute(config, selected if selected is not None else STAGE_ORDER, force)
+    splits = list(dict.fromkeys(split for name in todo for split in splits_read(config, name)))
+    if not splits:
+        return []
+    with stage_lock(config.workdir, "dataset", hash_text(canonical_json(config_to_dict(config.data)))):
+        datasets = [build_dataset(config.data, split) for split in splits]   # files exist
+    for dataset in datasets:
+        if decode:
+            dataset.validate()
+        else:
+            dataset.check_headers()
+    return splits
 
 
 def run_pipeline(config: PipelineConfig, stages: Iterable[str] | None = None, force: bool = False,

@@ -79,6 +79,7 @@ from pydensecrf.utils import unary_from_labels, unary_from_softmax
 from pipeline.config import PipelineConfig, flatten
 from pipeline.crf_params import PRESETS, CRFParams, resolve_params  # noqa: F401 (re-exported)
 from pipeline.data.palette import read_label_png, save_label_png
+from pipeline.errors import InputError
 from pipeline.maps_io import MapFileError, load_maps, map_path
 from pipeline.oaa_rules import oaa_pseudo_mask
 from pipeline.processes import die_with_parent
@@ -93,7 +94,7 @@ PROB_CLIP = 1e-5
 log = logging.getLogger(__name__)
 
 
-class CRFInputError(ValueError):
+class CRFInputError(InputError):
     """Bad stage-3 input; the message names the file(s) and what is wrong."""
 
 

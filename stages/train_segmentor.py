@@ -65,6 +65,7 @@ from pipeline.config import PipelineConfig, SegmentorConfig, config_to_dict
 from pipeline.data import build_dataset
 from pipeline.data.palette import read_label_png
 from pipeline.data.transforms import normalize, train_transform
+from pipeline.errors import InputError
 from pipeline.storage import StageResult, atomic_write_json, atomic_write_text
 from pipeline.tracking import NULL_TRACKER, Tracker
 
@@ -76,7 +77,7 @@ RESULT_FILE = "result.json"
 LOG_FILE = "log.jsonl"
 
 
-class PseudoMaskError(ValueError):
+class PseudoMaskError(InputError):
     """The pseudo-mask directory does not fit the dataset (missing files, bad values)."""
 
 

@@ -70,7 +70,11 @@ def fake_stages(monkeypatch):
 
 
 def _config(tmp_path, *overrides):
-    return load_config("demo", [f"workdir={tmp_path / 'work'}", *overrides])
+    """The demo config on a small synthetic dataset under ``tmp_path`` (the flow checks the
+    inputs of the stages it will compute, generating synthetic data, before the first one)."""
+    return load_config("demo", [f"workdir={tmp_path / 'work'}", f"data.root={tmp_path / 'data'}",
+                                "data.synthetic.num_train=6", "data.synthetic.num_val=2",
+                                "data.synthetic.image_size=32", *overrides])
 
 
 def _cached(results):
@@ -171,7 +175,7 @@ def test_flow_schema_comes_from_the_config_model():
     from flows.wsss import wsss
 
     schema = parameter_schema(wsss.fn).model_dump()
-    assert set(schema["properties"]) == {"config", "stages", "force"}
+    assert set(schema["properties"]) == {"config", "stages", "force", "validate"}
     definitions = schema.get("definitions") or schema.get("$defs")
     assert "PipelineConfig" in definitions and "CRFConfig" in definitions
 

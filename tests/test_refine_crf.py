@@ -455,6 +455,7 @@ def test_cli_skip_missing_flag_sets_the_field(monkeypatch, tmp_path):
     from pipeline.cli import main as cli_main
     seen = []
     monkeypatch.setattr(stages, "run_pipeline", lambda config, **kw: seen.append(config) or {})
+    monkeypatch.setattr(stages, "check_run_inputs", lambda *args, **kw: [])
     assert cli_main(["run", "--stages", "refine_crf", "--skip-missing", "--set", f"workdir={tmp_path}"]) == 0
     assert seen[0].crf.skip_missing is True
     assert cli_main(["run", "--stages", "refine_crf", "--set", f"workdir={tmp_path}"]) == 0

@@ -2,13 +2,33 @@
 
 Entry point: :func:`build_dataset` turns a :class:`~pipeline.config.DataConfig` and a split
 name into a :class:`SegDataset` (image, mask with 255 = ignore, image-level labels, id).
+
+The names below load their modules (and torch) on first use, so ``import
+pipeline.data.commands`` stays cheap: the ``wsss`` command parses and validates its arguments
+before torch is imported.
 """
 
 from pathlib import Path
 
-from pipeline.data.base import IGNORE_INDEX, DatasetError, SegDataset, labels_from_mask, read_split_file
-from pipeline.data.synthetic import generate_synthetic, is_generated, synthetic_class_names
-from pipeline.data.voc import VOC_CLASSES, voc_dataset
+_LAZY = {"IGNORE_INDEX": "base", "DatasetError": "base", "SegDataset": "base",
+         "labels_from_mask": "base", "read_split_file": "base", "generate_synthetic": "synthetic",
+         "is_generated": "synthetic", "synthetic_class_names": "synthetic", "VOC_CLASSES": "voc",
+         "voc_dataset": "voc"}
+
+
+def __getattr__(name: str):
+    """PEP 562: ``pipeline.data.SegDataset`` etc. from their modules, imported when asked."""
+    module = _LAZY.get(name)
+    if module == "base":
+        from pipeline.data import base as source
+    elif module == "synthetic":
+        from pipeline.data import synthetic as source
+    elif module == "voc":
+        from pipeline.data import voc as source
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(source, name)
+
 
 __all__ = ["build_dataset", "SegDataset", "DatasetError", "IGNORE_INDEX", "VOC_CLASSES",
            "generate_synthetic", "is_generated", "synthetic_class_names", "labels_from_mask",
@@ -16,7 +36,7 @@ __all__ = ["build_dataset", "SegDataset", "DatasetError", "IGNORE_INDEX", "VOC_C
 
 
 def build_dataset(data_cfg, split: str, mask_dir: Path | None = None, transform=None,
-                  require_labels: bool = False) -> SegDataset:
+                  require_labels: bool = False) -> "SegDataset":
     """The ``split`` of the dataset ``data_cfg`` describes.
 
     * ``synthetic``: generates the VOC-layout tree at ``data_cfg.root`` first when it is
@@ -27,6 +47,10 @@ def build_dataset(data_cfg, split: str, mask_dir: Path | None = None, transform=
     ``mask_dir`` replaces the ground-truth masks by ``<mask_dir>/<id>.png``;
     ``require_labels`` makes an image without any foreground label an error (stage 1).
     """
+    from pipeline.data.base import DatasetError
+    from pipeline.data.synthetic import generate_synthetic
+    from pipeline.data.voc import voc_dataset
+
     root = Path(data_cfg.root)
     if data_cfg.dataset == "synthetic":
         generate_synthetic(root, data_cfg.synthetic)

@@ -20,12 +20,13 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from pipeline.data.palette import read_label_png
+from pipeline.data.palette import LABEL_MODES, read_label_png
+from pipeline.errors import InputError
 
 IGNORE_INDEX = 255
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """Bad dataset input: the message names the file, id or field and what is wrong."""
 
 
@@ -175,6 +176,29 @@ class SegDataset(Dataset):
             raise DatasetError(f"{self.name}: {empty.size} image(s) have an empty label set "
                                f"(no foreground class), e.g. {shown}{more}; image-level labels "
                                f"are required here")
+
+    def _header(self, path: Path, kind: str, item: str) -> tuple[str, tuple[int, int]]:
+        """(mode, (H, W)) of an image file from its header (nothing decoded)."""
+        try:
+            with Image.open(path) as image:
+                return image.mode, (image.height, image.width)
+        except (OSError, UnidentifiedImageError, SyntaxError) as err:
+            raise DatasetError(f"{self.name}: {kind} {path} (id {item!r}) is unreadable: {err}") from None
+
+    def check_headers(self) -> None:
+        """The cheap part of :meth:`validate`, for a run's start: every image and mask opens
+        (header only), masks are palette / grey PNGs and each mask has its image's size.
+        Truncated files and mask values are found by :meth:`validate` (a full decode)."""
+        for item in self.ids:
+            _, image_size = self._header(self.image_path(item), "image", item)
+            mode, mask_size = self._header(self.mask_path(item), "mask", item)
+            if mode not in LABEL_MODES:
+                raise DatasetError(f"{self.name}: mask {self.mask_path(item)} (id {item!r}) has mode "
+                                   f"{mode}; expected a palette or grey PNG")
+            if image_size != mask_size:
+                raise DatasetError(f"{self.name}: image {self.image_path(item)} is "
+                                   f"{image_size[1]}x{image_size[0]} but mask {self.mask_path(item)} "
+                                   f"is {mask_size[1]}x{mask_size[0]} (id {item!r})")
 
     def validate(self) -> None:
         """Read every image and mask: decodable, sizes agree, values within the classes."""

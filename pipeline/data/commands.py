@@ -22,12 +22,9 @@ import sys
 from pathlib import Path
 from urllib.error import URLError
 
-import numpy as np
-from torchvision.datasets.utils import download_and_extract_archive
-
 from pipeline.cli import add_config_arguments, config_from_args
 from pipeline.config import ConfigError
-from pipeline.data.base import DatasetError
+from pipeline.errors import InputError
 
 VOC2012 = {"url": "https://thor.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
            "md5": "6cd6e144f989b92b3379bac3b3de84fd"}          # torchvision.datasets.voc
@@ -46,12 +43,12 @@ COCO = {
 
 
 def _friendly_errors(func):
-    """DatasetError / ConfigError -> one line on stderr, exit code 2."""
+    """DatasetError (any InputError) / ConfigError -> one line on stderr, exit code 2."""
     @functools.wraps(func)
     def wrapper(args: argparse.Namespace) -> int:
         try:
             return func(args)
-        except (DatasetError, ConfigError) as err:
+        except (InputError, ConfigError) as err:
             print(f"wsss data: {err}", file=sys.stderr)
             return 2
     return wrapper
@@ -60,6 +57,7 @@ def _friendly_errors(func):
 # --------------------------------------------------------------------------- synth
 @_friendly_errors
 def _cmd_synth(args: argparse.Namespace) -> int:
+    from pipeline.data.base import DatasetError
     from pipeline.data.synthetic import generate_synthetic
 
     config = config_from_args(args)
@@ -75,6 +73,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- prepare
+def download_and_extract_archive(*args, **kwargs):
+    """torchvision's downloader, imported when first called (torchvision imports torch)."""
+    from torchvision.datasets.utils import download_and_extract_archive as download
+
+    return download(*args, **kwargs)
+
+
 def _fetch(archives: list[tuple[str, str]], download_dir: Path, extract_dir: Path) -> list[str]:
     """Download + verify + extract each archive; returns the failure messages."""
     failures = []
@@ -100,6 +105,7 @@ def _instructions(kind: str, archives: list[tuple[str, str]], download_dir: Path
 def convert_sbd(voc_root: Path, sbd_dataset: Path) -> int:
     """SBD ``cls/*.mat`` -> ``SegmentationClassAug/*.png`` (VOC's own masks where they exist)
     and ``train_aug.txt`` = (SBD train + SBD val + VOC train) - VOC val. Returns its length."""
+    import numpy as np
     from scipy.io import loadmat
 
     from pipeline.data.base import read_split_file
@@ -129,6 +135,8 @@ def convert_sbd(voc_root: Path, sbd_dataset: Path) -> int:
 
 @_friendly_errors
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    from pipeline.data.base import DatasetError
+
     if args.config is None:                   # default: the preset of the dataset
         args.config = args.dataset
     config = config_from_args(args)

@@ -7,6 +7,8 @@ from PIL import Image
 
 from pipeline.storage import atomic_path
 
+LABEL_MODES = ("P", "L", "I", "I;16")   # PIL modes a label PNG may have
+
 
 def voc_palette() -> list[int]:
     """The 256-entry VOC colour map (bit-interleaved class index), flattened RGB."""
@@ -43,7 +45,7 @@ def read_label_png(path: Path) -> np.ndarray:
         raise FileNotFoundError(f"label file {path} does not exist")
     try:
         with Image.open(path) as image:
-            if image.mode not in ("P", "L", "I", "I;16"):
+            if image.mode not in LABEL_MODES:
                 raise ValueError(f"label file {path} has mode {image.mode}; expected a palette or grey PNG")
             return np.asarray(image, dtype=np.uint8).copy() if image.mode in ("P", "L") else \
                 np.asarray(image).astype(np.uint8)
