@@ -10,7 +10,8 @@ torchrun" is implemented once:
 * :func:`autocast` / :func:`grad_scaler` — AMP (float16) on CUDA only; on CPU both are no-ops.
 * :func:`init_distributed` — ``torch.distributed`` from the torchrun environment
   (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``): NCCL on CUDA, gloo on CPU.
-* :func:`save_checkpoint` / :func:`load_checkpoint` — atomic ``torch.save`` (temp + rename).
+* :func:`save_checkpoint` / :func:`load_checkpoint` — atomic ``torch.save`` (temp + rename;
+  a full disk is reported as such, with the file and the space left).
 """
 
 import contextlib
@@ -178,10 +179,35 @@ def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
 
 
 # --------------------------------------------------------------------------- checkpoints
+class _RecordingWriter:
+    """A binary file for ``torch.save`` that keeps the OSError of a failed write: torch turns
+    it into ``RuntimeError: ... unexpected pos`` and loses the errno."""
+
+    def __init__(self, handle):
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """``torch.save`` to a temp file then rename: a kill never leaves a torn checkpoint."""
-    with atomic_path(Path(path)) as tmp:
-        torch.save(state, tmp)
+    """``torch.save`` to a temp file then rename: a kill never leaves a torn checkpoint; a full
+    disk raises :class:`~pipeline.errors.DiskFullError` naming the file and the space left."""
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as handle:
+        writer = _RecordingWriter(handle)
+        try:
+            torch.save(state, writer)
+        except RuntimeError as err:
+            if writer.error is not None:
+                raise writer.error from err
+            raise
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+from pipeline.errors import DiskFullError, disk_full_error, is_disk_full
+
 COMPLETE_MARKER = "COMPLETE"
 MANIFEST = "manifest.json"
 PROJECT_PACKAGES = ("pipeline", "stages", "models")
@@ -211,23 +213,54 @@ def stage_lock(workdir: Path, stage: str, key: str,
 
 
 # --------------------------------------------------------------------------- atomic writes
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _raise_if_disk_full(err: BaseException, path: Path) -> None:
+    """A failed write for lack of space becomes :class:`~pipeline.errors.DiskFullError`
+    naming ``path``, its directory and the space left."""
+    if is_disk_full(err) and not isinstance(err, DiskFullError):
+        raise disk_full_error(path) from err
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
 
     The temp name keeps the suffix so libraries that pick a format from it (PIL, numpy)
-    behave; on error the temp file is removed and ``path`` is untouched.
+    behave; on error the temp file is removed and ``path`` is untouched. The file gets the
+    mode the umask gives new files (``mkstemp`` alone would make it 0600). A write that fails
+    for lack of space (ENOSPC / EDQUOT, also wrapped by a library) raises
+    :class:`~pipeline.errors.DiskFullError`: ``no space left on <dir> ... while writing
+    <file>; N MB free``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+        tmp_path = Path(tmp)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+        finally:
+            os.close(fd)
         yield tmp_path
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as err:   # RuntimeError: libraries wrapping the OSError
+        _raise_if_disk_full(err, path)
+        raise
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and (tmp_path.exists() or tmp_path.is_symlink()):
             tmp_path.unlink()
 
 

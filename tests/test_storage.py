@@ -119,3 +119,80 @@ def test_stage_lock_waits_names_the_holder_and_is_reentrant_per_thread(tmp_path)
     assert order == ["nested", "released", "other"]
     assert said[0].startswith(f"refine_crf: waiting for {path} held by pid {os.getpid()}")
     assert said[1].startswith("refine_crf: got the lock after")
+
+
+@pytest.fixture
+def full_disk(monkeypatch, tmp_path):
+    """Every atomic write's temp file is a link to /dev/full, whose writes fail with a real
+    ENOSPC from the kernel (the write wrapper of a full disk); mode changes go to a scratch
+    file, never to the device."""
+    import tempfile
+
+    from pipeline import storage
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        fd, name = real(*args, **kwargs)
+        os.close(fd)
+        os.unlink(name)
+        os.symlink("/dev/full", name)
+        return os.open(tmp_path / "scratch", os.O_CREAT | os.O_WRONLY, 0o600), name
+
+    monkeypatch.setattr(storage.tempfile, "mkstemp", mkstemp)
+    return tmp_path
+
+
+def _no_space_message(directory, name):
+    return rf"^no space left on {directory} \(file system /\S*\) while writing {name}; \d+ MB free$"
+
+
+def test_full_disk_names_the_file_and_the_space_left(full_disk, tmp_path):
+    import numpy as np
+
+    from pipeline.data.palette import save_label_png
+    from pipeline.errors import DiskFullError
+
+    out = tmp_path / "out"
+    with pytest.raises(DiskFullError, match=_no_space_message(out, "manifest.json")) as info:
+        atomic_write_json(out / "manifest.json", {"a": list(range(10000))})
+    assert info.value.errno == 28 and isinstance(info.value, OSError)
+    assert not list(out.iterdir())                          # no target, no temp left
+    with pytest.raises(DiskFullError, match=_no_space_message(out, "mask.png")):   # PIL writes
+        save_label_png(out / "mask.png", np.zeros((64, 64), np.uint8))
+    assert not list(out.iterdir())
+
+
+def test_full_disk_during_a_checkpoint_write(full_disk, tmp_path):
+    import torch
+
+    from pipeline.errors import DiskFullError
+    from pipeline.runtime import save_checkpoint
+
+    with pytest.raises(DiskFullError, match=_no_space_message(tmp_path / "ckpt", "epoch_3.pt")):
+        save_checkpoint(tmp_path / "ckpt" / "epoch_3.pt", {"w": torch.zeros(200_000)})
+    assert not list((tmp_path / "ckpt").iterdir())
+
+
+def test_full_disk_error_survives_a_worker_process():
+    import pickle
+
+    from pipeline.errors import DiskFullError, disk_full_error
+
+    from pathlib import Path
+
+    err = pickle.loads(pickle.dumps(disk_full_error(Path("/tmp/x/y.png"))))
+    assert isinstance(err, DiskFullError) and str(err).startswith("no space left on /tmp/x")
+
+
+def test_atomic_files_honour_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write_json(tmp_path / "a.json", {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+    atomic_write_json(tmp_path / "b.json", {})
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o666 & ~old
