@@ -138,7 +138,7 @@ def attention_diagnostics(config, dataset, classifier_dir: Path) -> dict:
     (0 = one-hot, 1 = uniform), and the co-attentive class-c logit on / off I's object."""
     model, _ = load_classifier(generate_cams.select_checkpoint(classifier_dir, None))
     model.eval()
-    plan = generate_cams.make_plan(dataset, config.maps.num_related, config.seed)
+    plan = generate_cams.make_plan(dataset, config.maps.num_related, config.seed, config.maps.related_pool)
     feats, masks = {}, {}
 
     def prepare(item):

@@ -150,6 +150,16 @@ class MapsConfig(StrictModel):
         "resize images to this square for the network (maps are resized back). None: the "
         "classifier's image_size under the official protocol (official 256), the native size "
         "under multiscale"))
+    related_pool: int = Field(64, ge=0, description=(
+        "draw the k related images of (I, c) from the related_pool images of class c nearest to "
+        "I in a seeded random order of the split (each still uniform over the class, as the "
+        "official draw; bounds the features stage 2 holds in memory). 0: the whole class"))
+    cache_mb: int = Field(4096, ge=1, description=(
+        "memory for the float16 base-view features of images and partners (GPU memory on CUDA); "
+        "a feature evicted early is recomputed (counted in features_recomputed)"))
+    full_resolution: bool = Field(False, description=(
+        "store maps at image size (n x H x W float16) instead of at feature resolution "
+        "(upsampled bicubic on read)"))
     checkpoint_epoch: Optional[int] = Field(11, ge=1, description=(
         "classifier checkpoint after this many epochs (1-based; the official test.sh loads "
         "pascal_voc_epoch_10.pth, whose 10 is 0-based: the state after 11 epochs). None: the last"))

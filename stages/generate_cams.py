@@ -33,21 +33,25 @@ any exists; the official draw may pick I itself; fewer distinct ones when fewer 
      the number of maps (5 with self-pairs) and clipped to [0, 1]; plain CAMs average the
      views. With no related image and no self-pairs the image is paired with itself.
 
-The backbone runs **once per image per view**: partners use their base-view features
-(scale 1, no flip), computed once in a first pass and cached in ``_features/<id>.npy``
-(float32) — only the HW x HW co-attention and the 1x1 convs are computed per pair. The
-cache is deleted when every map is written.
+The backbone runs **once per image per view**: images are processed in the plan's seeded
+order, and each image's base-view features (the squashed image, or scale 1 without flip
+under multiscale) are computed once, held in memory as float16 in a
+:class:`~pipeline.feature_cache.FeatureCache` of ``maps.cache_mb`` and dropped after their
+last use (as the image itself or as a partner). Partners are drawn from the
+``maps.related_pool`` images of the class nearest in that order (:func:`make_plan`), so the
+cache holds a bounded stretch of the dataset; only the HW x HW co-attention and the 1x1 convs
+are computed per pair. Nothing but the map files is written to disk.
 
-Output: ``<id>.npy`` per image (:func:`pipeline.maps_io.save_maps`: class ids, MCIS maps and
-plain CAMs, float16, at the image's size; images without a label get an empty file and are
-left out of pairing, counted). Finished images are skipped on a rerun (resumable).
-``config.maps.workers > 1`` splits both passes over that many processes (CPU); on CUDA one
-process does everything. ``map_eval.json`` holds the threshold sweep of
-:func:`pipeline.map_eval.evaluate_maps`.
+Output: ``<id>.npy`` per image (:func:`pipeline.maps_io.save_maps`: class ids, the image's
+size, MCIS maps and plain CAMs, float16, at feature resolution unless
+``maps.full_resolution``; :func:`pipeline.maps_io.load_maps` upsamples them bicubic; images
+without a label get an empty file and are left out of pairing, counted). Finished images
+are skipped on a rerun (resumable). ``config.maps.workers > 1`` splits the order into that
+many contiguous stretches, one process each (CPU); on CUDA one process does everything.
+``map_eval.json`` holds the threshold sweep of :func:`pipeline.map_eval.evaluate_maps`.
 """
 
 import logging
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -62,17 +66,17 @@ from models.coattention import CoAttentionClassifier
 from pipeline import runtime
 from pipeline.config import PipelineConfig
 from pipeline.data import build_dataset
-from pipeline.data.pairs import class_index, related_images
+from pipeline.data.pairs import class_index
 from pipeline.data.transforms import normalize
 from pipeline.map_eval import evaluate_maps
-from pipeline.maps_io import MapFileError, load_maps, map_path, save_maps
-from pipeline.storage import StageResult, atomic_path, atomic_write_json
+from pipeline.feature_cache import FeatureCache
+from pipeline.maps_io import load_maps, map_path, save_maps, upsample
+from pipeline.storage import StageResult, atomic_write_json
 from pipeline.tracking import NULL_TRACKER, Tracker
 from stages.train_classifier import (CheckpointError, list_checkpoints, load_classifier,
                                      self_pair_views, squash)
 
 NAME = "generate_cams"
-FEATURE_DIR = "_features"
 EVAL_FILE = "map_eval.json"
 BASE_VIEW = (1.0, False)
 SELF_VIEWS = ((1.0, True), (0.75, False), (2.0, False))
@@ -86,9 +90,10 @@ View = tuple[float, bool]
 # --------------------------------------------------------------------------- planning
 @dataclass
 class Plan:
-    """What to compute: per image its classes (0-based) and related partners per class."""
+    """What to compute: the processing order, per image its classes (0-based) and related
+    partners per class."""
 
-    ids: list[str]
+    ids: list[str]             # processing order: labelled images (seeded shuffle), then the rest
     classes: dict[str, list[int]] = field(default_factory=dict)
     related: dict[str, dict[int, list[str]]] = field(default_factory=dict)
     unlabelled: int = 0
@@ -96,30 +101,52 @@ class Plan:
     lonely_classes: int = 0    # (image, class) with no other image of that class
 
 
-def make_plan(dataset, k: int, seed: int) -> Plan:
-    """Related images for every (image, class), seeded per image (independent of sharding)."""
+def make_plan(dataset, k: int, seed: int, pool: int = 0) -> Plan:
+    """Processing order and related images for every (image, class), seeded.
+
+    The labelled images are shuffled (``default_rng([seed, 7])``); the ``k`` partners of
+    (I, c) are drawn with replacement (``default_rng([seed, 104729, i])``) from the ``pool``
+    other images of class c nearest to I in that order (all of them when ``pool`` is 0 or the
+    class is smaller). In a random order each other image of the class is equally likely to be
+    near I, so a partner is still uniform over the class, as in the official draw, while every
+    image's features are needed only within a bounded stretch of the order
+    (:class:`pipeline.feature_cache.FeatureCache`)."""
     labels = dataset.label_matrix()
     labelled = np.flatnonzero(labels.sum(axis=1) > 0)
-    index = class_index(labels)
-    plan = Plan(ids=list(dataset.ids), unlabelled=len(dataset) - len(labelled))
-    for i in labelled.tolist():
+    order = labelled[np.random.default_rng([seed, 7]).permutation(len(labelled))].tolist()
+    rank = {i: r for r, i in enumerate(order)}
+    members = {c: sorted(idx, key=rank.__getitem__) for c, idx in class_index(labels).items()}
+    where = {c: {i: r for r, i in enumerate(m)} for c, m in members.items()}
+    rest = [i for i in range(len(dataset)) if i not in rank]
+    plan = Plan(ids=[dataset.ids[i] for i in order + rest], unlabelled=len(rest))
+    for i in order:
         item = dataset.ids[i]
         rng = np.random.default_rng([seed, 104729, i])
         classes = np.flatnonzero(labels[i]).tolist()
         plan.classes[item] = classes
         plan.related[item] = {}
         for c in classes:
-            others = [j for j in index[c] if j != i]
-            if k > 0 and not others:
+            pool_c = _nearest_others(members[c], where[c][i], pool)
+            if k > 0 and not pool_c:
                 plan.lonely_classes += 1
                 chosen: list[int] = []
-            elif len(others) < k:
+            elif len(pool_c) < k:
                 plan.short_classes += 1
-                chosen = others
+                chosen = pool_c
             else:
-                chosen = related_images(index, i, c, k, rng)
+                chosen = [pool_c[j] for j in rng.integers(0, len(pool_c), size=k)] if k > 0 else []
             plan.related[item][c] = [dataset.ids[j] for j in chosen]
     return plan
+
+
+def _nearest_others(members: list[int], r: int, pool: int) -> list[int]:
+    """The ``pool`` entries of ``members`` nearest to position ``r``, without ``members[r]``
+    (all others when ``pool`` is 0 or there are fewer)."""
+    if pool <= 0 or len(members) - 1 <= pool:
+        return members[:r] + members[r + 1:]
+    lo = max(0, min(r - pool // 2, len(members) - 1 - pool))
+    window = members[lo:lo + pool + 1]
+    return window[:r - lo] + window[r - lo + 1:]
 
 
 def config_views(scales: Sequence[float], flip: bool) -> list[View]:
@@ -279,16 +306,18 @@ def official_aggregate(candidates: Sequence[torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def official_maps(model: CoAttentionClassifier, f_base: torch.Tensor, copies: Sequence[torch.Tensor],
                   classes: Sequence[int], related: Mapping[int, Sequence[str]],
-                  partners: Mapping[str, torch.Tensor], size: tuple[int, int], num_related: int) -> torch.Tensor:
-    """MCIS maps (n, H, W) in [0, 1] by the official ``test.py`` (protocol ``official``).
+                  partners: Mapping[str, torch.Tensor], num_related: int) -> torch.Tensor:
+    """MCIS maps (n, h, w) in [0, 1] at I's feature resolution by the official ``test.py``
+    (protocol ``official``; the official code then resizes them bicubic to the image, which
+    :func:`pipeline.maps_io.load_maps` does on read).
 
     ``f_base``: features (1, C, h, w) of the squashed image; ``copies``: features of its flip,
     0.75x and 2x squashes (:func:`~stages.train_classifier.self_pair_views`; empty without
     self-pairs). Candidates, in the official order, at I's feature size (h, w): (I, flip I)
     I's side; (I, flip I) the copy's side flipped back; the 0.75x and 2x copies' sides resized
     bicubic to (h, w); the related map (:func:`related_logits`, when ``num_related > 0``).
-    :func:`official_aggregate` combines them; the result is resized bicubic to the image.
-    With neither self-pairs nor related images the image is paired with itself."""
+    :func:`official_aggregate` combines them. With neither self-pairs nor related images the
+    image is paired with itself."""
     classes = list(classes)
     h, w = f_base.shape[-2:]
     candidates = []
@@ -303,28 +332,10 @@ def official_maps(model: CoAttentionClassifier, f_base: torch.Tensor, copies: Se
     if num_related > 0 or not candidates:
         candidates.append(related_logits(model, f_base, classes, related if num_related > 0 else {},
                                          partners))
-    maps = official_aggregate([c.float() for c in candidates])
-    return _to_image(maps, size, False, "bicubic").clamp(0, 1)
+    return official_aggregate([c.float() for c in candidates]).clamp(0, 1)
 
 
 # --------------------------------------------------------------------------- worker side
-def feature_path(out_dir: Path, item: str) -> Path:
-    return Path(out_dir) / FEATURE_DIR / f"{item}.npy"
-
-
-def _save_features(path: Path, feats: torch.Tensor) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, feats.cpu().numpy().astype(np.float32), allow_pickle=False)
-
-
-def _load_features(path: Path, device: torch.device) -> torch.Tensor:
-    try:
-        return torch.from_numpy(np.load(path, allow_pickle=False)).to(device)
-    except (OSError, ValueError) as err:
-        raise MapFileError(f"feature cache file {path} is unreadable: {err}; delete it to recompute") from None
-
-
 def _batches(items: list[str], size: int) -> list[list[str]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
@@ -343,6 +354,8 @@ class Job:
     batch_size: int
     protocol: str = "official"
     num_related: int = 3
+    cache_bytes: int = 4 << 30
+    full_resolution: bool = False
     device: str = "cpu"
     threads: int = 0
 
@@ -369,26 +382,30 @@ def _stack_inputs(dataset, items: list[str], size: int | None, device):
              torch.cat([m[2] for m in members]).to(device)) for members in groups.values()]
 
 
-def partner_pass(job: Job, items: list[str]) -> int:
-    """Pass A: base-view features of ``items`` into the cache (existing files kept)."""
-    dataset, model, device = _open(job)
-    todo = [i for i in items if not feature_path(Path(job.out_dir), i).is_file()]
-    for chunk in _batches(todo, job.batch_size):
-        for names, _, x in _stack_inputs(dataset, chunk, job.image_size, device):
-            with torch.no_grad():
-                feats = model.features(x)
-            for name, f in zip(names, feats):
-                _save_features(feature_path(Path(job.out_dir), name), f[None])
-    return len(todo)
+@torch.no_grad()
+def _cache_features(model, cache: FeatureCache, names: list[str], x: torch.Tensor, position: int,
+                    keep) -> None:
+    """Base-view features of a batch into the cache, float16 (every later use, as the image
+    itself or as a partner, reads the same rounded values: results do not depend on order)."""
+    for name, f in zip(names, model.features(x)):
+        cache.put(name, f[None].half(), position, keep)
 
 
 def map_pass(job: Job, items: list[str], classes: Mapping[str, list[int]],
-             related: Mapping[str, Mapping[int, list[str]]]) -> int:
-    """Pass B: the map file of each of ``items`` (already finished ones skipped)."""
+             related: Mapping[str, Mapping[int, list[str]]]) -> dict[str, int]:
+    """The map file of each of ``items`` (in this order; finished ones skipped). Base-view
+    features of the images and their partners are computed once into a bounded
+    :class:`~pipeline.feature_cache.FeatureCache` and dropped after their last use."""
     dataset, model, device = _open(job)
     out_dir = Path(job.out_dir)
-    done = 0
     todo = [i for i in items if not map_path(out_dir, i).is_file()]
+    partners_of = {n: list(dict.fromkeys(r for c in classes.get(n, []) for r in related[n].get(c, [])))
+                   for n in todo}
+    uses: dict[str, list[int]] = {}
+    for position, name in enumerate(todo):
+        for key in ([name] if classes.get(name) else []) + partners_of[name]:
+            uses.setdefault(key, []).append(position)
+    cache = FeatureCache(uses, job.cache_bytes)
     official = job.protocol == "official"
     if official:
         need = [BASE_VIEW]
@@ -396,38 +413,45 @@ def map_pass(job: Job, items: list[str], classes: Mapping[str, list[int]],
     else:
         need = list(job.views) + ([BASE_VIEW, *SELF_VIEWS] if job.self_pairs else [BASE_VIEW])
         need, copy_views = list(dict.fromkeys(need)), []
-    for chunk in _batches(todo, job.batch_size):
+    for start in range(0, len(todo), job.batch_size):
+        chunk = todo[start:start + job.batch_size]
+        keep = set(chunk) | {r for n in chunk for r in partners_of[n]}
         for names, images, x in _stack_inputs(dataset, chunk, job.image_size, device):
-            known = {}
-            cached = [feature_path(out_dir, n) for n in names]
-            if all(p.is_file() for p in cached):
-                known[BASE_VIEW] = torch.cat([_load_features(p, device) for p in cached])
+            absent = [b for b, n in enumerate(names) if n not in cache]
+            if absent:
+                _cache_features(model, cache, [names[b] for b in absent], x[absent], start, keep)
+            missing = [r for n in names for r in partners_of[n] if r not in cache]
+            for group in _batches(list(dict.fromkeys(missing)), job.batch_size):
+                for p_names, _, p_x in _stack_inputs(dataset, group, job.image_size, device):
+                    _cache_features(model, cache, p_names, p_x, start, keep)
+            known = {BASE_VIEW: torch.cat([cache.get(n).float() for n in names])}
             feats = view_features(model, x, need, known)
             with torch.no_grad():
                 copy_feats = [model.features(torch.cat([network_input(im, side, flip) for im in images])
                                              .to(device)) for side, flip in copy_views]
             for b, name in enumerate(names):
-                size = images[b].shape[:2]
+                image_size = images[b].shape[:2]
                 cls = classes.get(name, [])
                 if not cls:
-                    save_maps(map_path(out_dir, name), np.zeros(0), np.zeros((0, *size)))
-                    done += 1
+                    save_maps(map_path(out_dir, name), np.zeros(0), np.zeros((0, 1, 1)), size=image_size)
                     continue
                 own = {v: f[b:b + 1] for v, f in feats.items()}
-                partner_feats = {r: _load_features(feature_path(out_dir, r), device)
-                                 for c in cls for r in related[name].get(c, [])}
+                partner_feats = {r: cache.get(r).float() for r in partners_of[name]}
+                size = tuple(own[BASE_VIEW].shape[-2:])        # stored at feature resolution
                 if official:
                     cams = plain_cams(model, own, [BASE_VIEW], cls, size)
                     maps = official_maps(model, own[BASE_VIEW], [f[b:b + 1] for f in copy_feats], cls,
-                                         related[name], partner_feats, size, job.num_related)
+                                         related[name], partner_feats, job.num_related)
                 else:
                     cams = plain_cams(model, own, job.views, cls, size)
                     maps = mcis_maps(model, own, job.views, cls, related[name], partner_feats, size,
                                      job.self_pairs)
-                save_maps(map_path(out_dir, name), np.asarray(cls) + 1, maps.cpu().numpy(),
-                          cams.cpu().numpy())
-                done += 1
-    return done
+                maps, cams = maps.cpu().numpy(), cams.cpu().numpy()
+                if job.full_resolution:
+                    maps, cams = upsample(maps, image_size), upsample(cams, image_size)
+                save_maps(map_path(out_dir, name), np.asarray(cls) + 1, maps, cams, size=image_size)
+        cache.release(start + len(chunk) - 1)
+    return {"maps": len(todo), **cache.stats()}
 
 
 def _run_sharded(fn, job: Job, shards: list[tuple]) -> list[int]:
@@ -466,7 +490,7 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
     load_classifier(checkpoint, backbone=config.classifier.backbone,
                     num_classes=dataset.num_classes - 1)
 
-    plan = make_plan(dataset, cfg.num_related, config.seed)
+    plan = make_plan(dataset, cfg.num_related, config.seed, cfg.related_pool)
     if plan.unlabelled:
         log.warning("generate_cams: %d image(s) without a foreground label are left out of pairing "
                     "(they get an empty map file)", plan.unlabelled)
@@ -485,25 +509,24 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
               out_dir=str(out_dir), image_size=image_size,
               views=config_views(cfg.scales, cfg.flip), self_pairs=cfg.self_pairs,
               batch_size=cfg.batch_size, protocol=cfg.protocol, num_related=cfg.num_related,
-              device=str(device),
+              cache_bytes=cfg.cache_mb << 20, full_resolution=cfg.full_resolution, device=str(device),
               threads=max(1, runtime.cpu_threads(config.threads) // workers) if workers > 1 else 0)
 
     todo = [i for i in plan.ids if not map_path(out_dir, i).is_file()]
-    partners = sorted({r for i in todo for rel in plan.related.get(i, {}).values() for r in rel})
-    if partners:
-        _run_sharded(partner_pass, job, [(partners[w::workers],) for w in range(workers)
-                                         if partners[w::workers]])
-    if todo:
-        shards = []
-        for w in range(workers):
-            part = todo[w::workers]
-            if part:
-                shards.append((part, {i: plan.classes.get(i, []) for i in part},
-                               {i: plan.related.get(i, {}) for i in part}))
-        _run_sharded(map_pass, job, shards)
+    shards = []
+    for w in range(workers):          # contiguous stretches of the order: partners stay local
+        part = todo[w * len(todo) // workers:(w + 1) * len(todo) // workers]
+        if part:
+            shards.append((part, {i: plan.classes.get(i, []) for i in part},
+                           {i: plan.related.get(i, {}) for i in part}))
+    passes = _run_sharded(map_pass, job, shards) if shards else []
+    cache_stats = {key: sum(p[key] for p in passes) for key in ("computed", "recomputed", "overflows")}
+    cache_stats["peak_mb"] = max((p["peak_bytes"] for p in passes), default=0) / 2**20
+    if cache_stats["recomputed"]:
+        log.warning("generate_cams: the feature cache (maps.cache_mb=%d) was too small: %d features "
+                    "were computed twice", cfg.cache_mb, cache_stats["recomputed"])
     for item in plan.ids:       # every map readable before the stage counts as done
         load_maps(map_path(out_dir, item))
-    shutil.rmtree(out_dir / FEATURE_DIR, ignore_errors=True)
 
     scores = evaluate_maps(out_dir, dataset, cfg.background_thresholds)
     atomic_write_json(out_dir / EVAL_FILE, scores)
@@ -513,7 +536,9 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
                "cams_best_threshold": scores["cams"]["best_threshold"],
                "background_miou": scores["background_miou"], "num_images": len(plan.ids),
                "unlabelled_images": plan.unlabelled, "short_related_classes": plan.short_classes,
-               "no_related_classes": plan.lonely_classes, "resumed_skipped": len(plan.ids) - len(todo)}
+               "no_related_classes": plan.lonely_classes, "resumed_skipped": len(plan.ids) - len(todo),
+               "features_computed": cache_stats["computed"], "features_recomputed": cache_stats["recomputed"],
+               "feature_cache_peak_mb": cache_stats["peak_mb"]}
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     log.info("generate_cams: %s", scores["headline"])
     return StageResult(stage=NAME, key=out_dir.name, path=str(out_dir), metrics=metrics,

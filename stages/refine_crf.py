@@ -80,7 +80,7 @@ from pipeline.config import PipelineConfig, flatten
 from pipeline.crf_params import PRESETS, CRFParams, resolve_params  # noqa: F401 (re-exported)
 from pipeline.data.palette import read_label_png, save_label_png
 from pipeline.errors import InputError
-from pipeline.maps_io import MapFileError, load_maps, map_path
+from pipeline.maps_io import load_maps, map_header, map_path
 from pipeline.oaa_rules import oaa_pseudo_mask
 from pipeline.processes import die_with_parent
 from pipeline.storage import StageResult, atomic_write_text, atomic_write_json, clean_temp_files
@@ -392,17 +392,6 @@ def refine_images(items: Sequence[WorkItem], params: CRFParams, workers: int = 1
 
 
 # --------------------------------------------------------------------------- pre-flight checks
-def _map_header(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
-    """Classes and (H, W) of a map file without reading the maps (memory-mapped header)."""
-    try:
-        record = np.load(path, mmap_mode="r", allow_pickle=False)
-        classes = np.asarray(record["classes"], dtype=np.int64).reshape(-1)
-        shape = record.dtype["maps"].shape
-    except (ValueError, KeyError, OSError, IndexError, TypeError) as err:
-        raise MapFileError(f"map file {path} is not a wsss map file: {err}") from None
-    return classes, tuple(shape[-2:])
-
-
 def _image_size(path: Path) -> tuple[int, int]:
     """(H, W) from the image header; a mode :func:`load_rgb` refuses outright raises here."""
     try:
@@ -422,7 +411,7 @@ def check_inputs(items: Sequence[WorkItem], num_classes: int) -> None:
     Non-finite values and transparent pixels are found when a file is read (the error names
     the file, and the class for maps)."""
     for item in items:
-        classes, size = _map_header(Path(item.maps))
+        classes, size = map_header(Path(item.maps))
         image_size = _image_size(Path(item.image))
         if size != image_size:
             raise CRFInputError(f"map file {item.maps} is {size[1]}x{size[0]} but image "

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from models.coattention import CoAttentionClassifier
 from pipeline.config import load_config
-from pipeline.maps_io import load_maps, map_path
+from pipeline.feature_cache import FeatureCache
+from pipeline.maps_io import load_maps, map_path, save_maps, upsample
 from pipeline.storage import StageResult
 from pipeline.tracking import MemoryTracker
 from stages import generate_cams, train_classifier
@@ -167,7 +168,7 @@ def test_official_maps_equal_a_transcription_of_test_py():
     classes, size = [0, 2], (37, 53)
     with torch.no_grad():
         ours = official_maps(model, model.features(x), [model.features(c) for c in copies_x], classes,
-                             related, {n: model.features(p) for n, p in partners_x.items()}, size, 3)
+                             related, {n: model.features(p) for n, p in partners_x.items()}, 3)
         # reference: every pair through model.forward, as test.py calls model(img)
         out2 = model(x, copies_x[0])
         co2_1, co2_2 = out2["co_m"][0], out2["co_n"][0].flip(2)
@@ -178,10 +179,14 @@ def test_official_maps_equal_a_transcription_of_test_py():
         for c in classes:
             rel = torch.stack([model(x, partners_x[r])["co_m"][0] for r in related[c]]).mean(0)
             cands = [m[c].numpy() for m in (co2_1, co2_2, co3_2, co4_2, rel)]
-            att = torch.from_numpy(_official_aggregate_np(cands) / 255)[None, None].float()
-            ref.append(F.interpolate(att, size, mode="bicubic", align_corners=False)[0, 0].clamp(0, 1))
-    assert ours.shape == (2, 37, 53)
-    assert torch.allclose(ours, torch.stack(ref), atol=1e-4)
+            ref.append(torch.from_numpy(_official_aggregate_np(cands) / 255).float())
+    ref = torch.stack(ref)
+    assert ours.shape == (2, h, w)                   # at feature resolution (the official 32x32)
+    assert torch.allclose(ours, ref, atol=1e-4)
+    # upsampled on read as test.py resizes: bicubic to the image, clipped to [0, 1]
+    full = upsample(ours.numpy(), size)
+    expected = F.interpolate(ref[:, None], size, mode="bicubic", align_corners=False)[:, 0].clamp(0, 1)
+    assert full.shape == (2, 37, 53) and np.allclose(full, expected.numpy(), atol=1e-4)
 
 
 def test_network_input_squashes_like_pil():
@@ -227,6 +232,62 @@ def test_plan_counts_unlabelled_short_and_lonely():
     assert again.related == make_plan(LabelsOnly(labels), k=3, seed=0).related   # seeded
 
 
+def test_plan_pool_draws_from_the_nearest_in_a_seeded_order():
+    labels = [[1, 0]] * 40 + [[0, 1]] * 3 + [[1, 1]]
+    plan = make_plan(LabelsOnly(labels), k=3, seed=0, pool=4)
+    assert sorted(plan.ids) == sorted(f"im{i}" for i in range(44)) and plan.ids != sorted(plan.ids)
+    position = {item: p for p, item in enumerate(plan.ids)}
+    class0 = sorted((i for i in plan.ids if i != "im40" and int(i[2:]) < 40 or i == "im43"),
+                    key=position.get)
+    for item in class0:
+        rank = class0.index(item)
+        allowed = set(class0[max(0, min(rank - 2, len(class0) - 5)):][:5]) - {item}
+        assert len(allowed) == 4 and set(plan.related[item][0]) <= allowed, item
+    # a class with fewer images than the pool draws from all of them
+    assert set(plan.related["im43"][1]) <= {"im40", "im41", "im42"}
+    whole = make_plan(LabelsOnly(labels), k=3, seed=0, pool=0)
+    assert whole.ids == plan.ids                         # same order, wider draw
+    spread = {r for item in class0 for r in whole.related[item][0]}
+    assert len(spread) > 20
+
+
+def test_feature_cache_drops_after_last_use_and_evicts_furthest():
+    t = torch.zeros(256, dtype=torch.float16)            # 512 bytes each
+    uses = {"a": [0, 1], "b": [0, 5], "c": [2], "d": [3, 4]}
+    cache = FeatureCache(uses, capacity_bytes=2 * 512)
+    cache.put("a", t, 0)
+    cache.put("b", t, 0)
+    cache.release(0)
+    assert "a" in cache and "b" in cache                 # a is used again at 1
+    cache.release(1)
+    assert "a" not in cache and "b" in cache and cache.bytes == 512
+    cache.put("c", t, 2)
+    cache.put("d", t, 3, keep={"c"})                     # full: b (next use 5) goes, not c
+    assert "b" not in cache and "c" in cache and "d" in cache
+    cache.put("b", t, 5)                                 # needed again: recomputed
+    assert cache.stats()["recomputed"] == 1 and cache.peak_bytes == 2 * 512
+    with pytest.raises(ValueError, match="capacity"):
+        FeatureCache(uses, 0)
+
+
+def test_map_files_at_feature_resolution_upsample_on_read(tmp_path):
+    small = np.array([[[0.0, 1.0], [0.5, 0.25]]], np.float32)
+    save_maps(tmp_path / "x.npy", [2], small, small * 0.5, size=(6, 9))
+    record = load_maps(tmp_path / "x.npy")
+    expected = F.interpolate(torch.from_numpy(small)[:, None], (6, 9), mode="bicubic",
+                             align_corners=False)[:, 0].clamp(0, 1).numpy()
+    assert record.size == (6, 9) and np.allclose(record.maps, expected, atol=1e-3)
+    half = F.interpolate(torch.from_numpy(small * 0.5)[:, None], (6, 9), mode="bicubic",
+                         align_corners=False)[:, 0].clamp(0, 1).numpy()
+    assert np.allclose(record.cams, half, atol=1e-3)
+    from pipeline.maps_io import map_header
+    assert map_header(tmp_path / "x.npy")[1] == (6, 9)
+    save_maps(tmp_path / "full.npy", [2], expected, half)
+    grown = (tmp_path / "full.npy").stat().st_size - (tmp_path / "x.npy").stat().st_size
+    assert grown == 2 * 2 * (6 * 9 - 2 * 2)              # float16 maps + cams at 6 x 9, not 2 x 2
+    assert load_maps(tmp_path / "full.npy").size == (6, 9)
+
+
 # ------------------------------------------------------------------ the stage
 def test_stage_writes_maps_scores_and_resumes(trained, tmp_path):
     root, classifier = trained
@@ -242,7 +303,9 @@ def test_stage_writes_maps_scores_and_resumes(trained, tmp_path):
         assert record.classes.tolist() == (np.flatnonzero(dataset.labels(item)) + 1).tolist()
         for maps in (record.maps, record.cams):
             assert maps.min() >= 0 and maps.max() <= 1
-    assert not (tmp_path / "_features").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".npy")) == ["map_eval.json"]
+    assert result.metrics["features_computed"] == len(dataset.ids)     # once each
+    assert result.metrics["features_recomputed"] == 0
     metrics = result.metrics
     assert {"headline", "maps_miou", "cams_miou", "background_miou"} <= set(metrics)
     assert "MCIS maps" in metrics["headline"] and (tmp_path / "map_eval.json").is_file()
