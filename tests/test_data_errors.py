@@ -67,6 +67,28 @@ def test_mask_values_outside_classes(tree):
         ds.validate()
 
 
+def test_16_bit_mask_values_that_do_not_fit_are_rejected(tree, tmp_path):
+    """A 16-bit mask holding 257 must not wrap to class 1; one holding only 0..255 reads."""
+    from pipeline.data.palette import read_label_png
+
+    path = tree / "SegmentationClass" / "val_00001.png"
+    mask = np.zeros((32, 32), np.uint16)
+    mask[2:5, 2:5] = 257
+    mask[0, 0] = 255
+    Image.fromarray(mask).save(path)
+    with Image.open(path) as image:
+        assert image.mode.startswith("I")                    # written as a 16-bit grey PNG
+    with pytest.raises(ValueError, match=r"val_00001\.png \(I;16\w*\) holds values 257 outside 0\.\.255"):
+        read_label_png(path)
+    ds = voc_dataset(tree, "val")
+    with pytest.raises(DatasetError, match=r"val_00001\.png.*257 outside 0\.\.255"):
+        ds.validate()
+    mask[2:5, 2:5] = 2
+    Image.fromarray(mask).save(tmp_path / "ok.png")
+    ok = read_label_png(tmp_path / "ok.png")
+    assert ok.dtype == np.uint8 and ok[3, 3] == 2 and ok[0, 0] == 255
+
+
 def test_image_and_mask_sizes_differ(tree):
     save_label_png(tree / "SegmentationClass" / "val_00000.png", np.zeros((20, 30), np.uint8))
     ds = voc_dataset(tree, "val")

@@ -39,7 +39,10 @@ def save_label_png(path: Path, mask: np.ndarray) -> None:
 
 
 def read_label_png(path: Path) -> np.ndarray:
-    """A label PNG as a uint8 (H, W) array of indices (palette PNGs keep their indices)."""
+    """A label PNG as a uint8 (H, W) array of indices (palette PNGs keep their indices).
+
+    16-bit / 32-bit grey PNGs are accepted when every value fits 0..255; a value that does
+    not (e.g. 257, which a cast would turn into class 1) raises naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"label file {path} does not exist")
@@ -47,7 +50,14 @@ def read_label_png(path: Path) -> np.ndarray:
         with Image.open(path) as image:
             if image.mode not in LABEL_MODES:
                 raise ValueError(f"label file {path} has mode {image.mode}; expected a palette or grey PNG")
-            return np.asarray(image, dtype=np.uint8).copy() if image.mode in ("P", "L") else \
-                np.asarray(image).astype(np.uint8)
+            if image.mode in ("P", "L"):
+                return np.asarray(image, dtype=np.uint8).copy()
+            values = np.asarray(image)
     except (OSError, SyntaxError) as err:
         raise ValueError(f"label file {path} is unreadable or truncated: {err}") from None
+    bad = np.unique(values[(values < 0) | (values > 255)])
+    if bad.size:
+        shown = ", ".join(str(v) for v in bad[:5].tolist()) + (" ..." if bad.size > 5 else "")
+        raise ValueError(f"label file {path} ({image.mode}) holds values {shown} outside 0..255; "
+                         "label maps must be 8-bit class indices (255 = ignore)")
+    return values.astype(np.uint8)
