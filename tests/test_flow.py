@@ -223,3 +223,25 @@ def test_concurrent_runs_same_config_compute_once_different_configs_apart(harnes
     # c differs in stage 3 only: its own directory
     assert results["c"]["refine_crf"]["path"] != results["a"]["refine_crf"]["path"]
     assert results["c"]["generate_cams"]["path"] == results["a"]["generate_cams"]["path"]
+
+
+def test_flow_checks_inputs_before_the_first_stage(harness, fake_stages, tmp_path):
+    """A missing val image fails the flow before stage 1 (no stage ran); a truncated one only
+    with ``validate`` (the full decode)."""
+    from flows.wsss import wsss
+    from pipeline.data import DatasetError, generate_synthetic
+
+    config = _config(tmp_path)
+    generate_synthetic(config.data.root, config.data.synthetic)
+    image = Path(config.data.root) / "JPEGImages" / "val_00001.jpg"
+    data = image.read_bytes()
+    image.unlink()
+    with pytest.raises(DatasetError, match=r"val_00001\.jpg does not exist"):
+        wsss(config=config)
+    assert fake_stages == []
+    image.write_bytes(data[: len(data) * 3 // 4])
+    with pytest.raises(DatasetError, match=r"val_00001\.jpg .*truncated"):
+        wsss(config=config, validate=True)
+    assert fake_stages == []
+    wsss(config=config)                      # the header check passes: the stages run
+    assert fake_stages == list(stages.STAGE_ORDER)
