@@ -260,8 +260,8 @@ def mcis_maps(model: CoAttentionClassifier, feats: Mapping[View, torch.Tensor], 
     for idx in range(len(classes)):
         total = len(candidates[idx])
         for rank, (logit_map, score) in enumerate(candidates[idx]):
-            if rank == 0 or torch.sigmoid(score) > GATE:
-                result[idx] += _max_norm(logit_map[None])[0]
+            keep = 1.0 if rank == 0 else (torch.sigmoid(score) > GATE).to(logit_map.dtype)
+            result[idx] += _max_norm(logit_map[None])[0] * keep       # no host sync
         result[idx] /= total
     return result.clamp(0, 1)
 
