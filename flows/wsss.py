@@ -22,6 +22,8 @@ completion marker). The flow adds orchestration only:
   segmentor (the stage calls ``tracker.child(model)``); a reused stage's child run is
   tagged ``wsss.cached=true`` and points at the run that produced the output
   (``wsss.source_run_id``);
+* records of a killed flow run (``kill -9``: no hook runs) are closed by the next flow run
+  (:func:`reconcile_killed_records`): MLflow runs KILLED, the Prefect flow and task runs Crashed;
 * Prefect UI: log lines per epoch, a progress artifact per stage, and a final summary table
   artifact (stage, key, cached?, duration, headline metric).
 
@@ -195,6 +197,51 @@ def _start_tracking(config: PipelineConfig, run_name: str, tags: dict[str, str])
     return parent, {"uri": uri, "experiment_id": parent.experiment_id, "parent_run_id": parent.run_id}
 
 
+def reconcile_killed_records(parent: Tracker, run_name: str, logger) -> list[str]:
+    """The records a killed flow run left open: its MLflow runs still RUNNING whose process is
+    gone become KILLED, and its Prefect flow run and task runs still in a non-final state
+    become Crashed. Found through the MLflow parent runs' ``prefect.flow_run_id`` tag; errors
+    are logged, never raised (bookkeeping must not fail a run). Returns the flow-run ids."""
+    from pipeline.mlflow_tracking import PARENT_TAG, reconcile_killed_runs
+
+    note = f"its process was gone when flow run {run_name} started: marked KILLED"
+    try:
+        killed = reconcile_killed_runs(parent.client, parent.experiment_id, note)
+    except Exception as err:
+        logger.warning("could not reconcile stale MLflow runs (%s: %s)", type(err).__name__, err)
+        return []
+    flow_runs = [r.data.tags["prefect.flow_run_id"] for r in killed
+                 if PARENT_TAG not in r.data.tags and r.data.tags.get("prefect.flow_run_id", "local") != "local"]
+    if killed:
+        logger.warning("marked %d MLflow run(s) of killed flow runs KILLED: %s", len(killed),
+                       ", ".join(r.info.run_id for r in killed))
+    for flow_run_id in flow_runs:
+        try:
+            _crash_prefect_run(flow_run_id, f"its process was killed; found by flow run {run_name}")
+        except Exception as err:
+            logger.warning("could not mark flow run %s Crashed (%s: %s)", flow_run_id, type(err).__name__, err)
+    return flow_runs
+
+
+def _crash_prefect_run(flow_run_id: str, message: str) -> None:
+    """The flow run (unless already final) and its unfinished task runs -> Crashed."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, TaskRunFilter,
+                                                TaskRunFilterState, TaskRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    open_types = [StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED, StateType.PAUSED]
+    with get_client(sync_client=True) as client:
+        if not client.read_flow_run(flow_run_id).state.is_final():
+            client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=open_types))))
+        for task_run in tasks:
+            client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+
+
 def summary_rows(results: dict[str, StageResult]) -> list[dict[str, Any]]:
     return [{"stage": r.stage, "key": r.key, "cached": "yes" if r.cached else "no",
              "seconds": round(r.duration_s, 1), "headline": _headline(r)} for r in results.values()]
@@ -231,6 +278,7 @@ def wsss(config: PipelineConfig = preset("demo"),
             "wsss.force": str(force).lower(), "wsss.workdir": str(workdir)})
         logger.info("MLflow run %s (experiment %s) at %s", parent.run_id, tracking["experiment_id"],
                     tracking["uri"])
+        reconcile_killed_records(parent, run_name, logger)
 
     results: dict[str, StageResult] = {}
     start = time.time()

@@ -18,6 +18,10 @@ makes a top-level run). Metrics are buffered and sent with ``log_batch`` (each M
 costs ~20 ms against SQLite): the buffer is flushed when it holds ``flush_every`` values, when
 ``flush_seconds`` have passed since the last flush, and on :meth:`MlflowTracker.flush` /
 :meth:`MlflowTracker.close`.
+
+Every run carries the host, pid and pid start time of the process that created it
+(``wsss.host``, ``wsss.pid``, ``wsss.pid_start``): a run left RUNNING by a killed process is
+found by the next flow run (:func:`reconcile_killed_runs`) and marked KILLED.
 """
 
 import json
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from pipeline.config import config_to_dict, flatten
+from pipeline.processes import owner, owner_alive
 from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -42,6 +47,8 @@ PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 NOTE_TAG = "mlflow.note.content"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
+OWNER_TAGS = {"host": "wsss.host", "pid": "wsss.pid", "start": "wsss.pid_start"}
+RECONCILED_TAG = "wsss.reconciled"
 
 # MLflow limits (mlflow.utils.validation): 100 params/tags and 1000 metrics per batch,
 # 6000 characters per param value, 8000 per tag value.
@@ -139,7 +146,8 @@ class MlflowTracker(Tracker):
     def start(cls, client, experiment_id: str, run_name: str, parent_run_id: str | None = None,
               tags: Mapping[str, Any] | None = None, **options) -> "MlflowTracker":
         """Create a run (a child of ``parent_run_id`` when given) and a tracker on it."""
-        all_tags = {k: _tag_value(v) for k, v in (tags or {}).items()}
+        all_tags = {OWNER_TAGS[k]: v for k, v in owner().items()}
+        all_tags.update({k: _tag_value(v) for k, v in (tags or {}).items()})
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
         run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
@@ -234,6 +242,22 @@ class MlflowTracker(Tracker):
         self.flush()
         self.client.set_terminated(self.run_id, status=status)
         self._closed = True
+
+
+def reconcile_killed_runs(client, experiment_id: str, note: str) -> list:
+    """Mark KILLED the runs of ``experiment_id`` still RUNNING whose creating process (on this
+    host) is gone — what a ``kill -9`` of a flow run leaves — with ``note`` as the
+    ``wsss.reconciled`` tag. Runs of live processes or other hosts are left alone. Returns the
+    runs it marked."""
+    marked = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                  max_results=1000):
+        tags = run.data.tags
+        if owner_alive(*(tags.get(OWNER_TAGS[k]) for k in ("host", "pid", "start"))) is False:
+            client.set_tag(run.info.run_id, RECONCILED_TAG, _tag_value(note))
+            client.set_terminated(run.info.run_id, status="KILLED")
+            marked.append(run)
+    return marked
 
 
 # ---------------------------------------------------------------------- pipeline-level runs

@@ -14,6 +14,10 @@ two ways:
   (its parent id changes on re-parenting). It needs the GIL, so a worker inside a long
   C call notices at the end of that call.
 
+:func:`owner` / :func:`owner_alive` identify the process that made a record (host, pid and
+the pid's start time, so a recycled pid is not mistaken for it): a rerun marks the MLflow
+and Prefect records of a killed run as such.
+
 Only the standard library: importing this module stays cheap.
 """
 
@@ -21,9 +25,11 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1            # <linux/prctl.h>
 WATCHDOG_INTERVAL_S = 0.5
@@ -64,3 +70,37 @@ def die_with_parent(parent_pid: int, interval: float = WATCHDOG_INTERVAL_S) -> N
     if os.getppid() != parent_pid:   # the parent died before the signal was armed
         os._exit(ORPHAN_EXIT_CODE)
     start_parent_watchdog(parent_pid, interval)
+
+
+# --------------------------------------------------------------------------- record owners
+def process_start_time(pid: int) -> str | None:
+    """Start time of ``pid`` (clock ticks since boot, /proc/<pid>/stat field 22); None when
+    it does not exist or is a zombie; "" where there is no /proc (only existence is known)."""
+    try:
+        fields = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return ""
+    return None if fields[0] == "Z" else fields[19]
+
+
+def owner() -> dict[str, str]:
+    """Host, pid and pid start time of this process."""
+    return {"host": socket.gethostname(), "pid": str(os.getpid()),
+            "start": process_start_time(os.getpid()) or ""}
+
+
+def owner_alive(host: str | None, pid: str | None, start: str | None) -> bool | None:
+    """Whether the process :func:`owner` described is still running; None when it cannot be
+    told (another host, or no owner recorded)."""
+    if not host or not pid or host != socket.gethostname():
+        return None
+    now = process_start_time(int(pid))
+    return now is not None and (not start or not now or now == start)

@@ -245,3 +245,45 @@ def test_flow_checks_inputs_before_the_first_stage(harness, fake_stages, tmp_pat
     assert fake_stages == []
     wsss(config=config)                      # the header check passes: the stages run
     assert fake_stages == list(stages.STAGE_ORDER)
+
+
+def test_rerun_marks_the_records_of_a_killed_flow_run(harness, fake_stages, tmp_path):
+    """What a kill -9 of a flow run leaves (MLflow parent and stage runs RUNNING, the Prefect
+    flow run and its task run Running) is closed by the next flow run: KILLED / Crashed. A
+    RUNNING run of a live process is left alone."""
+    import os
+    import subprocess
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    from flows.wsss import STAGE_TASKS, wsss
+    from pipeline.mlflow_tracking import (MlflowTracker, _client, default_tracking_uri,
+                                          ensure_experiment, experiment_name)
+
+    config = _config(tmp_path)
+    with get_client(sync_client=True) as prefect:
+        flow_run = prefect.create_flow_run(wsss, parameters={}, state=Running())
+        task_run = prefect.create_task_run(STAGE_TASKS["train_classifier"], flow_run_id=flow_run.id,
+                                           dynamic_key="0", state=Running())
+    client = _client(default_tracking_uri(harness))
+    experiment = ensure_experiment(client, experiment_name(config.name), harness / "mlflow" / "artifacts")
+    gone = subprocess.Popen(["true"])
+    gone.wait()                                          # a pid whose process has exited
+    parent = MlflowTracker.start(client, experiment, "killed", tags={
+        "prefect.flow_run_id": str(flow_run.id), "wsss.pid": str(gone.pid)})
+    # the stage run: this pid but another start time, i.e. a recycled pid
+    stage = MlflowTracker.start(client, experiment, "train_classifier", parent_run_id=parent.run_id,
+                                tags={"wsss.pid": str(os.getpid()), "wsss.pid_start": "1"})
+    live = MlflowTracker.start(client, experiment, "still running")      # this live process
+
+    wsss(config=config, stages=["train_classifier"])
+
+    assert client.get_run(parent.run_id).info.status == "KILLED"
+    assert client.get_run(stage.run_id).info.status == "KILLED"
+    assert "marked KILLED" in client.get_run(parent.run_id).data.tags["wsss.reconciled"]
+    assert client.get_run(live.run_id).info.status == "RUNNING"
+    live.close()
+    with get_client(sync_client=True) as prefect:
+        assert prefect.read_flow_run(flow_run.id).state.type.value == "CRASHED"
+        assert prefect.read_task_run(task_run.id).state.type.value == "CRASHED"

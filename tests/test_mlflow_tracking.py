@@ -67,7 +67,13 @@ def test_child_runs_name_their_parent_explicitly():
     tracker = MlflowTracker(client, "parent", "7")
     child = tracker.child("sanet")
     assert tracker.child("sanet") is child
-    assert client.created == [("run0", "sanet", {"mlflow.parentRunId": "parent", "wsss.unit": "sanet"})]
+    import os
+    import socket
+
+    owner = {"wsss.host": socket.gethostname(), "wsss.pid": str(os.getpid())}
+    tags = client.created[0][2]
+    assert client.created == [("run0", "sanet", {"mlflow.parentRunId": "parent", "wsss.unit": "sanet",
+                                                 **owner, "wsss.pid_start": tags["wsss.pid_start"]})]
     tracker.close("FAILED")
     assert client.terminated == [("run0", "FAILED"), ("parent", "FAILED")]
 
