@@ -29,8 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.coattention import CoAttentionClassifier  # noqa: E402
-from stages.generate_cams import (BASE_VIEW, SELF_VIEWS, mcis_maps, plain_cams,  # noqa: E402
-                                  view_features)
+from stages.generate_cams import (BASE_VIEW, SELF_VIEWS, mcis_maps, official_maps,  # noqa: E402
+                                  plain_cams, view_features)
 
 VIEWS = [BASE_VIEW, *SELF_VIEWS]
 
@@ -61,6 +61,31 @@ def run_mcis(model, images, classes, related, size):
     for i, (x, cls) in enumerate(zip(images, classes)):
         feats = view_features(model, x, VIEWS, known={BASE_VIEW: cache[i]})
         mcis_maps(model, feats, [BASE_VIEW], cls, related[i], cache, size, self_pairs=True)
+
+
+def official_copies(x):
+    """The official protocol's self-pair inputs of a squashed image: flip, 0.75x, 2x."""
+    side = x.shape[-1]
+    return [torch.flip(x, dims=[3])] + [F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+                                        for s in (int(side * 0.75), 2 * side)]
+
+
+@torch.no_grad()
+def run_plain_official(model, images, classes, size):
+    """Plain CAMs with the same backbone passes as the official protocol (image + 3 copies)."""
+    for x, cls in zip(images, classes):
+        feats = {BASE_VIEW: model.features(x)}
+        for copy in official_copies(x):
+            model.features(copy)
+        plain_cams(model, feats, [BASE_VIEW], cls, size)
+
+
+@torch.no_grad()
+def run_mcis_official(model, images, classes, related, size):
+    cache = {i: model.features(x) for i, x in enumerate(images)}
+    for i, (x, cls) in enumerate(zip(images, classes)):
+        copies = [model.features(c) for c in official_copies(x)]
+        official_maps(model, cache[i], copies, cls, related[i], cache, 3)
 
 
 @torch.no_grad()
@@ -102,6 +127,8 @@ def main(argv=None):
     parser.add_argument("--k", type=int, default=3, help="related images per class")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--protocol", choices=["multiscale", "official"], default="multiscale",
+                        help="official: the squashed image + flip / 0.75x / 2x copies (maps.protocol)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -117,12 +144,13 @@ def main(argv=None):
                 for c in cls} for i, cls in enumerate(classes)]
     size = (args.size, args.size)
 
-    run_plain(model, images[:1], classes[:1], size)           # warm-up (allocators, kernels)
-    run_mcis(model, images[:2], classes[:2], [{c: [1] for c in classes[0]}, {c: [0] for c in classes[1]}],
-             size)
-    t_plain = timed(run_plain, device, model, images, classes, size)
+    plain, mcis = ((run_plain_official, run_mcis_official) if args.protocol == "official"
+                   else (run_plain, run_mcis))
+    plain(model, images[:1], classes[:1], size)           # warm-up (allocators, kernels)
+    mcis(model, images[:2], classes[:2], [{c: [1] for c in classes[0]}, {c: [0] for c in classes[1]}], size)
+    t_plain = timed(plain, device, model, images, classes, size)
     mem_plain = peak_memory_mb(device)
-    t_mcis = timed(run_mcis, device, model, images, classes, related, size)
+    t_mcis = timed(mcis, device, model, images, classes, related, size)
     mem_mcis = peak_memory_mb(device)
     n = len(images)
     print(f"device {device}, backbone {args.backbone}, {n} images {args.size}x{args.size}, "

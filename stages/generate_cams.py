@@ -391,6 +391,19 @@ def _cache_features(model, cache: FeatureCache, names: list[str], x: torch.Tenso
         cache.put(name, f[None].half(), position, keep)
 
 
+def feature_uses(todo: Sequence[str], classes: Mapping[str, list[int]],
+                 related: Mapping[str, Mapping[int, list[str]]]):
+    """``(partners_of, uses)``: each image's distinct partners, and for every image whose
+    features are needed the positions in ``todo`` that need them (itself, or as a partner)."""
+    partners_of = {n: list(dict.fromkeys(r for c in classes.get(n, []) for r in related[n].get(c, [])))
+                   for n in todo}
+    uses: dict[str, list[int]] = {}
+    for position, name in enumerate(todo):
+        for key in ([name] if classes.get(name) else []) + partners_of[name]:
+            uses.setdefault(key, []).append(position)
+    return partners_of, uses
+
+
 def map_pass(job: Job, items: list[str], classes: Mapping[str, list[int]],
              related: Mapping[str, Mapping[int, list[str]]]) -> dict[str, int]:
     """The map file of each of ``items`` (in this order; finished ones skipped). Base-view
@@ -399,12 +412,7 @@ def map_pass(job: Job, items: list[str], classes: Mapping[str, list[int]],
     dataset, model, device = _open(job)
     out_dir = Path(job.out_dir)
     todo = [i for i in items if not map_path(out_dir, i).is_file()]
-    partners_of = {n: list(dict.fromkeys(r for c in classes.get(n, []) for r in related[n].get(c, [])))
-                   for n in todo}
-    uses: dict[str, list[int]] = {}
-    for position, name in enumerate(todo):
-        for key in ([name] if classes.get(name) else []) + partners_of[name]:
-            uses.setdefault(key, []).append(position)
+    partners_of, uses = feature_uses(todo, classes, related)
     cache = FeatureCache(uses, job.cache_bytes)
     official = job.protocol == "official"
     if official:
