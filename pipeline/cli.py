@@ -32,7 +32,33 @@ def config_from_args(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def key_prefixes() -> set[str]:
+    """Dotted fields (or whole sections) some stage's cache key hashes (``stages.stage_config``
+    of the default config): everything else only says how a stage runs."""
+    from pipeline.config import PipelineConfig
+    from stages import STAGE_ORDER, stage_config
+
+    out: set[str] = set()
+    for name in STAGE_ORDER:
+        for section, value in stage_config(PipelineConfig(), name).items():
+            if isinstance(value, dict):
+                out.update(f"{section}.{k}" for k in value)
+            else:
+                out.add(section)
+    return out
+
+
+def config_reference() -> str:
+    """The text of docs/configuration.md (``wsss config --reference``)."""
+    from pipeline.config_docs import reference
+
+    return reference(key_prefixes())
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
+    if args.reference:
+        print(config_reference(), end="")
+        return 0
     print(json.dumps(config_to_dict(config_from_args(args)), indent=2))
     return 0
 
@@ -44,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     show = sub.add_parser("config", help="print the resolved configuration as JSON")
     add_config_arguments(show)
+    show.add_argument("--reference", action="store_true",
+                      help="print the configuration reference (Markdown: every field, type, default, "
+                           "description) instead; docs/configuration.md is its output")
     show.set_defaults(func=_cmd_config)
     for name in COMMAND_MODULES:
         try:
