@@ -59,17 +59,25 @@ class SyntheticConfig(StrictModel):
 class DataConfig(StrictModel):
     """Which dataset, where it lives, which splits."""
 
-    dataset: Literal["synthetic", "voc", "coco"] = "synthetic"
+    dataset: Literal["synthetic", "voc", "coco", "folder"] = "synthetic"
     root: Path = Field(Path("work/data/synthetic"), description=(
         "synthetic: output directory of the generator (VOC layout); voc: the VOC2012 "
         "directory of a VOCdevkit (JPEGImages, SegmentationClass, ImageSets); coco: the COCO "
-        "root holding annotations/ and train2017/ (or train2014/)."))
+        "root holding annotations/ and train2017/ (or train2014/); folder: the directory holding "
+        "images/, the labels file and optionally masks/ (pipeline.data.folder)."))
     train_split: str = Field("train", min_length=1, description="split for stages 1-4 (VOC+SBD: train_aug)")
     val_split: str = Field("val", min_length=1, description="split the segmentors are scored on")
     label_source: Literal["masks", "cls_labels", "xml"] = Field(
         "masks", description="where VOC image-level labels come from")
     labels_file: Optional[Path] = Field(None, description=(
-        "label_source=cls_labels: the pickled dict id -> label vector (default <root>/cls_labels.npy)"))
+        "label_source=cls_labels: the pickled dict id -> label vector (default <root>/cls_labels.npy); "
+        "folder: the labels CSV / JSON-lines file (default <root>/labels.csv or labels.jsonl)"))
+    classes: Optional[list[str]] = Field(None, description=(
+        "folder: the foreground class names in index order (a label outside them is an error); "
+        "default: the sorted names found in the labels file"))
+    val_fraction: float = Field(0.2, gt=0, lt=1, description=(
+        "folder without a 'split' column: share of the images hashed into the 'val' split"))
+    split_seed: int = Field(0, description="folder without a 'split' column: seed of that hash")
     coco_year: Literal[2014, 2017] = 2017
     coco_classes: Literal["all", "voc"] = Field("voc", description="80 COCO classes or the 20 VOC ones")
     coco_mapping: Optional[dict[str, str]] = Field(None, description=(

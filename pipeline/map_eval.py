@@ -81,6 +81,8 @@ def evaluate_maps(map_dir: Path, dataset, thresholds: Sequence[float],
         raise ValueError(f"missing must be 'error' or 'skip', got {missing!r}")
     thresholds = _check_thresholds(thresholds)
     map_dir = Path(map_dir)
+    if not getattr(dataset, "has_masks", True):
+        return _unscored(map_dir, dataset, thresholds, ids, missing)
     num_classes = dataset.num_classes
     matrices = {kind: [ConfusionMatrix(num_classes) for _ in thresholds] for kind in KINDS}
     background = ConfusionMatrix(num_classes)
@@ -115,6 +117,30 @@ def evaluate_maps(map_dir: Path, dataset, thresholds: Sequence[float],
         f"vs plain CAM {100 * result['cams']['best_miou']:.1f} (bg {result['cams']['best_threshold']:g}); "
         f"all-background {100 * result['background_miou']:.1f}; {count} images")
     return result
+
+
+def _unscored(map_dir: Path, dataset, thresholds: list[float], ids, missing: str) -> dict:
+    """:func:`evaluate_maps` for a dataset without masks: the same keys, scores None; the map
+    files are still checked (readable, classes of the dataset) and counted."""
+    count = skipped = 0
+    for item in (dataset.ids if ids is None else ids):
+        path = map_path(map_dir, item)
+        if not path.is_file():
+            if missing == "error":
+                raise MapFileError(f"map file {path} for image {item!r} does not exist")
+            skipped += 1
+            continue
+        record = load_maps(path)
+        bad = record.classes[(record.classes < 1) | (record.classes >= dataset.num_classes)]
+        if bad.size:
+            raise MapFileError(f"map file {path}: class ids {bad.tolist()} outside 1..{dataset.num_classes - 1}")
+        count += 1
+    if count == 0:
+        raise MapFileError(f"no map files to score in {map_dir}")
+    unscored = {"curve": {}, "best_threshold": None, "best_miou": None, "per_class_iou": {}}
+    return {"num_images": count, "missing": skipped, "background_miou": None, "thresholds": thresholds,
+            "maps": dict(unscored), "cams": dict(unscored), "masks": False,
+            "headline": f"{count} maps written; not scored: {dataset.name} has no ground-truth masks"}
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:

@@ -29,6 +29,14 @@ and ``<model>/pipeline_previews/<id>.png``: the whole chain on the first
 ``evaluation.previews`` images that stages 2 and 3 covered (image | localization map |
 pseudo-mask | prediction | ground truth). Predictions already on disk are read back instead of
 recomputed and finished pipeline previews are kept, so an interrupted evaluation resumes.
+
+Without ground-truth masks (a ``folder`` dataset without ``masks/``, per split) nothing can be
+scored in IoU; the stage then reports what it can and says the masks are absent
+(``metrics.json`` ``masks``): the classifier's image-level label agreement on the segmentor
+split (:mod:`pipeline.label_eval`, checkpoint of stage 2), the pseudo-masks' coverage
+(labelled and foreground pixel shares), and per segmentor the agreement of the classes its
+predictions cover with the given labels; predictions and previews (without a ground-truth
+panel) are written as usual, ``label_agreement.csv`` / ``.md`` replace the IoU tables.
 """
 
 import csv
@@ -47,6 +55,7 @@ from pipeline.config import EvaluationConfig, PipelineConfig
 from pipeline.data import build_dataset
 from pipeline.data.palette import read_label_png, save_label_png, voc_palette
 from pipeline.data.transforms import normalize
+from pipeline.label_eval import label_agreement, labels_from_prediction
 from pipeline.map_eval import evaluate_maps
 from pipeline.maps_io import ImageMaps, load_maps, map_path
 from pipeline.mask_eval import evaluate_masks
@@ -178,16 +187,17 @@ def side_by_side(panels: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate(row, axis=1)
 
 
-def preview_grid(image: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """``image | prediction overlay | ground-truth overlay``."""
-    return side_by_side([image, overlay(image, pred), overlay(image, gt)])
+def preview_grid(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None) -> np.ndarray:
+    """``image | prediction overlay | ground-truth overlay`` (no last panel without ``gt``)."""
+    return side_by_side([image, overlay(image, pred)] + ([overlay(image, gt)] if gt is not None else []))
 
 
 def pipeline_preview(image: np.ndarray, maps: ImageMaps, pseudo_mask: np.ndarray, pred: np.ndarray,
-                     gt: np.ndarray) -> np.ndarray:
-    """``image | localization map | pseudo-mask (void shown) | prediction | ground truth``."""
+                     gt: np.ndarray | None) -> np.ndarray:
+    """``image | localization map | pseudo-mask (void shown) | prediction | ground truth``
+    (no last panel without ``gt``)."""
     return side_by_side([image, map_overlay(image, maps), overlay(image, pseudo_mask, void=True),
-                         overlay(image, pred), overlay(image, gt)])
+                         overlay(image, pred)] + ([overlay(image, gt)] if gt is not None else []))
 
 
 def save_rgb_png(path: Path, array: np.ndarray) -> None:
@@ -244,13 +254,14 @@ def per_class_rows(class_names: Sequence[str], scores: Mapping[str, Mapping[str,
     return rows
 
 
-def write_tables(out_dir: Path, rows: list[list[str]]) -> None:
+def write_tables(out_dir: Path, rows: list[list[str]], stem: str = "per_class_iou",
+                 title: str = "IoU (%) per class") -> None:
     buffer = io.StringIO()
     csv.writer(buffer).writerows(rows)
-    atomic_write_text(out_dir / "per_class_iou.csv", buffer.getvalue())
+    atomic_write_text(out_dir / f"{stem}.csv", buffer.getvalue())
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    atomic_write_text(out_dir / "per_class_iou.md", "IoU (%) per class\n\n" + "\n".join(lines) + "\n")
+    atomic_write_text(out_dir / f"{stem}.md", f"{title}\n\n" + "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------- one segmentor
@@ -258,9 +269,13 @@ def evaluate_segmentor(model_path: Path, dataset, cfg: EvaluationConfig, out_dir
                        device: torch.device, crf_params=None, model=None) -> dict[str, Any]:
     """Score one trained segmentor on ``dataset`` (its ground-truth masks); writes
     predictions, previews and the confusion matrix into ``out_dir``. ``model``: the segmentor
-    already loaded from ``model_path`` (loaded here when not given)."""
+    already loaded from ``model_path`` (loaded here when not given). A dataset without masks
+    gets its predictions and previews and, instead of IoU, the image-level label agreement of
+    the predicted classes (``miou`` None)."""
     if model is None:
         model, _ = load_trained(model_path, num_classes=dataset.num_classes, device=device)
+    if not dataset.has_masks:
+        return _segmentor_without_masks(model, model_path, dataset, cfg, out_dir, device, crf_params)
     cm = ConfusionMatrix(dataset.num_classes)
     all_background = ConfusionMatrix(dataset.num_classes)
     pred_dir, preview_dir = out_dir / "predictions", out_dir / "previews"
@@ -293,6 +308,59 @@ def evaluate_segmentor(model_path: Path, dataset, cfg: EvaluationConfig, out_dir
     return summary
 
 
+def _segmentor_without_masks(model, model_path: Path, dataset, cfg: EvaluationConfig, out_dir: Path,
+                             device: torch.device, crf_params=None) -> dict[str, Any]:
+    """:func:`evaluate_segmentor` for a dataset without masks."""
+    pred_dir, preview_dir = out_dir / "predictions", out_dir / "previews"
+    predicted = np.zeros((len(dataset.ids), dataset.num_classes - 1), bool)
+    for index, image_id in enumerate(dataset.ids):
+        pred_path = pred_dir / f"{image_id}.png"
+        image = None
+        if pred_path.is_file():
+            pred = read_label_png(pred_path)
+        else:
+            image = dataset.load_image(image_id)
+            pred = predict_image(model, image, cfg, device, crf_params)
+            save_label_png(pred_path, pred)
+        predicted[index] = labels_from_prediction(pred, dataset.num_classes)
+        if index < cfg.previews:
+            image = dataset.load_image(image_id) if image is None else image
+            save_rgb_png(preview_dir / f"{image_id}.png", preview_grid(image, pred, None))
+    return {"miou": None, "pixel_accuracy": None, "masks": False, "images": len(dataset.ids),
+            "checkpoint": str(model_path),
+            "label_agreement": label_agreement(predicted, dataset.label_matrix(), dataset.class_names)}
+
+
+@torch.no_grad()
+def classifier_agreement(checkpoint: Path, dataset, device: torch.device) -> dict[str, Any]:
+    """Image-level label agreement of stage 1's classifier (the checkpoint stage 2 used) on
+    ``dataset``: ``sigmoid(mean_xy CAM(x)) > 0.5`` (its training score) on the image squashed
+    to the training size, against the given labels."""
+    from stages.generate_cams import network_input
+    from stages.train_classifier import load_classifier
+
+    model, meta = load_classifier(Path(checkpoint), num_classes=dataset.num_classes - 1,
+                                  map_location=device)
+    model.to(device).eval()
+    predicted = np.zeros((len(dataset.ids), dataset.num_classes - 1), bool)
+    for index, image_id in enumerate(dataset.ids):
+        x = network_input(dataset.load_image(image_id), meta.get("image_size")).to(device)
+        scores = model.cam(model.features(x)).mean((2, 3))[0]
+        predicted[index] = (torch.sigmoid(scores) > 0.5).cpu().numpy()
+    return label_agreement(predicted, dataset.label_matrix(), dataset.class_names)
+
+
+def agreement_rows(class_names: Sequence[str], scores: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+    """Header + per-class F1 rows + micro F1 / exact-match rows of label-agreement scores."""
+    def pct(value):
+        return "" if value is None else f"{100 * value:.2f}"
+    rows = [["class"] + list(scores)]
+    rows += [[name] + [pct(s["per_class_f1"].get(name)) for s in scores.values()] for name in class_names[1:]]
+    rows.append(["F1 (micro)"] + [pct(s["f1"]) for s in scores.values()])
+    rows.append(["exact match"] + [pct(s["exact_match"]) for s in scores.values()])
+    return rows
+
+
 def write_pipeline_previews(model_path: Path, dataset, maps_dir: Path, masks_dir: Path,
                             cfg: EvaluationConfig, out_dir: Path, device: torch.device,
                             crf_params=None, model=None) -> list[str]:
@@ -316,10 +384,11 @@ def write_pipeline_previews(model_path: Path, dataset, maps_dir: Path, masks_dir
     for image_id in todo:
         map_file, mask_file = inputs[image_id]
         maps, pseudo_mask = load_maps(map_file), read_label_png(mask_file)
-        image, gt = dataset.load_image(image_id), dataset.load_mask(image_id)
+        image = dataset.load_image(image_id)
+        gt = dataset.load_mask(image_id) if dataset.has_masks else None
         for path, size in ((map_file, maps.size), (mask_file, pseudo_mask.shape)):
-            if tuple(size) != gt.shape:
-                raise ValueError(f"{path} has size {tuple(size)}, image {image_id} {gt.shape}")
+            if tuple(size) != image.shape[:2]:
+                raise ValueError(f"{path} has size {tuple(size)}, image {image_id} {image.shape[:2]}")
         pred = predict_image(model, image, cfg, device, crf_params)
         save_rgb_png(preview_dir / f"{image_id}.png", pipeline_preview(image, maps, pseudo_mask, pred, gt))
     return list(inputs)
@@ -351,6 +420,26 @@ def conventions(config: PipelineConfig, split: str) -> dict[str, Any]:
         "initialisation": ("ImageNet" if config.segmentor.pretrained else "random") + f" {config.segmentor.backbone}",
         "miou": "mean IoU over the classes present in ground truth or prediction, one matrix per split",
     }
+
+
+def headline(scores: Mapping[str, Any], agreement: Mapping[str, Any], models: Sequence[str],
+             split: str, absent: Sequence[str]) -> str:
+    """One line: mIoU of maps, pseudo-masks and segmentors; where masks are absent, the label
+    F1 and the pseudo-masks' coverage instead, and that the masks are absent."""
+    def part(name: str, miou) -> str:
+        if miou is not None:
+            return f"{name} {100 * miou:.1f} mIoU"
+        f1 = agreement.get(name, {}).get("f1")
+        return f"{name} label F1 {100 * f1:.1f}" if f1 is not None else f"{name} not scored"
+    pseudo = scores["pseudo_masks"]
+    pieces = [f"maps {100 * scores['maps']['miou']:.1f} mIoU" if scores["maps"]["miou"] is not None
+              else part("classifier", None),
+              f"pseudo-masks {100 * pseudo['miou']:.1f} mIoU" if pseudo["miou"] is not None
+              else f"pseudo-masks label {100 * pseudo['labelled_fraction']:.1f}% of pixels"]
+    line = " | ".join(pieces) + " | " + ", ".join(part(n, scores[n]["miou"]) for n in models) + f" ({split})"
+    if not absent:
+        return line.replace(" mIoU", "").replace(f" ({split})", f" mIoU ({split})")
+    return line + f"; no ground-truth masks ({', '.join(absent)})"
 
 
 def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Path,
@@ -386,38 +475,66 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
                       "details": maps}
     masks = evaluate_masks(Path(upstream["refine_crf"].path), map_dataset, missing="skip")
     scores["pseudo_masks"] = {**masks, "split": map_split}
+    absent = [d.name for d in dict.fromkeys((dataset, map_dataset)) if not d.has_masks]
+    agreement: dict[str, dict[str, Any]] = {}
+    if absent:
+        checkpoint = upstream["generate_cams"].files.get("checkpoint")
+        if checkpoint:
+            agreement["classifier"] = {**classifier_agreement(Path(checkpoint), dataset, device),
+                                       "split": split}
     crf_params = resolve_params(config.crf) if ev.crf else None
     for name in models:
         model_path = seg_dir / name / MODEL_FILE
         model, _ = load_trained(model_path, num_classes=dataset.num_classes, device=device)  # once for both
         scores[name] = evaluate_segmentor(model_path, dataset, ev, out_dir / name, device, crf_params, model)
         scores[name]["split"] = split
+        if "label_agreement" in scores[name]:
+            agreement[name] = {**scores[name]["label_agreement"], "split": split}
         write_pipeline_previews(model_path, map_dataset, Path(upstream["generate_cams"].path),
                                 Path(upstream["refine_crf"].path), ev, out_dir / name, device, crf_params,
                                 model)
         del model
         child = tracker.child(name)
-        child.log_metrics({"miou": scores[name]["miou"], "pixel_accuracy": scores[name]["pixel_accuracy"],
-                           **per_class_metrics(scores[name], "iou/")})
-        child.log_artifact(out_dir / name / "confusion_matrix.png")
+        if scores[name]["miou"] is not None:
+            child.log_metrics({"miou": scores[name]["miou"], "pixel_accuracy": scores[name]["pixel_accuracy"],
+                               **per_class_metrics(scores[name], "iou/")})
+            child.log_artifact(out_dir / name / "confusion_matrix.png")
+        else:
+            child.log_metrics({f"label_{k}": v for k, v in agreement[name].items()
+                               if k in ("f1", "precision", "recall", "exact_match") and v is not None})
 
-    write_tables(out_dir, per_class_rows(dataset.class_names, scores))
-    atomic_write_json(out_dir / "metrics.json", {"conventions": conventions(config, split), "scores": scores})
+    if dataset.has_masks:
+        write_tables(out_dir, per_class_rows(dataset.class_names, scores))
+    if agreement:
+        write_tables(out_dir, agreement_rows(dataset.class_names, agreement), stem="label_agreement",
+                     title="Image-level label F1 (%) per class (no ground-truth masks)")
+    atomic_write_json(out_dir / "metrics.json", {
+        "conventions": conventions(config, split), "scores": scores,
+        "masks": {"absent": absent, "note": (f"no ground-truth masks for {', '.join(absent)}: "
+                                             "IoU not computed there; see label_agreement and "
+                                             "the pseudo-masks' coverage") if absent else ""},
+        "label_agreement": agreement})
     metrics: dict[str, Any] = {"maps_miou": scores["maps"]["miou"],
                                "pseudo_mask_miou": scores["pseudo_masks"]["miou"]}
     metrics["pseudo_mask_miou_ignore_as_background"] = scores["pseudo_masks"]["miou_ignore_as_background"]
     metrics.update({f"{name}_miou": scores[name]["miou"] for name in models})
-    metrics["headline"] = (f"maps {100 * metrics['maps_miou']:.1f} | pseudo-masks "
-                           f"{100 * metrics['pseudo_mask_miou']:.1f} | "
-                           + ", ".join(f"{n} {100 * scores[n]['miou']:.1f}" for n in models)
-                           + f" mIoU ({split})")
+    metrics.update({f"{name}_label_f1": a["f1"] for name, a in agreement.items()})
+    if absent:
+        metrics["pseudo_mask_labelled_fraction"] = scores["pseudo_masks"]["labelled_fraction"]
+        metrics["masks_absent"] = ", ".join(absent)
+    metrics["headline"] = headline(scores, agreement, models, split, absent)
     tracker.log_metrics({**{k: v for k, v in metrics.items() if isinstance(v, float)},
                          **per_class_metrics(scores["maps"], "maps_iou/"),
                          **per_class_metrics(scores["pseudo_masks"], "pseudo_mask_iou/")})
-    for name in ("metrics.json", "per_class_iou.md"):
-        tracker.log_artifact(out_dir / name)
-    files = {"metrics": "metrics.json", "table_csv": "per_class_iou.csv", "table_md": "per_class_iou.md"}
-    files.update({f"{n}_confusion": f"{n}/confusion_matrix.png" for n in models})
+    for name in ("metrics.json", "per_class_iou.md", "label_agreement.md"):
+        if (out_dir / name).is_file():
+            tracker.log_artifact(out_dir / name)
+    files = {"metrics": "metrics.json"}
+    if dataset.has_masks:
+        files.update({"table_csv": "per_class_iou.csv", "table_md": "per_class_iou.md"})
+        files.update({f"{n}_confusion": f"{n}/confusion_matrix.png" for n in models})
+    if agreement:
+        files.update({"agreement_csv": "label_agreement.csv", "agreement_md": "label_agreement.md"})
     files.update({f"{n}_previews": f"{n}/previews" for n in models if ev.previews})
     files.update({f"{n}_pipeline_previews": f"{n}/pipeline_previews" for n in models
                   if (out_dir / n / "pipeline_previews").is_dir()})

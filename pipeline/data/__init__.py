@@ -1,4 +1,4 @@
-"""Datasets (VOC, COCO, synthetic), pair sampling and joint transforms.
+"""Datasets (VOC, COCO, synthetic, folder), pair sampling and joint transforms.
 
 Entry point: :func:`build_dataset` turns a :class:`~pipeline.config.DataConfig` and a split
 name into a :class:`SegDataset` (image, mask with 255 = ignore, image-level labels, id).
@@ -43,6 +43,8 @@ def build_dataset(data_cfg, split: str, mask_dir: Path | None = None, transform=
       missing, unfinished or from another generator config; then reads it as VOC.
     * ``voc``: VOCdevkit/VOC2012 layout (``train_aug`` uses SBD's SegmentationClassAug).
     * ``coco``: instances JSON of ``data_cfg.coco_year``; masks rasterised once and cached.
+    * ``folder``: ``images/`` + a labels CSV / JSON-lines file, masks optional
+      (:mod:`pipeline.data.folder`).
 
     ``mask_dir`` replaces the ground-truth masks by ``<mask_dir>/<id>.png``;
     ``require_labels`` makes an image without any foreground label an error (stage 1).
@@ -65,4 +67,9 @@ def build_dataset(data_cfg, split: str, mask_dir: Path | None = None, transform=
         return coco_dataset(root, split, year=data_cfg.coco_year, classes=data_cfg.coco_classes,
                             mapping=data_cfg.coco_mapping, mask_dir=mask_dir, transform=transform,
                             require_labels=require_labels)
-    raise DatasetError(f"data.dataset: unknown dataset {data_cfg.dataset!r} (synthetic, voc, coco)")
+    if data_cfg.dataset == "folder":
+        from pipeline.data.folder import folder_dataset
+        return folder_dataset(root, split, labels_file=data_cfg.labels_file, classes=data_cfg.classes,
+                              val_fraction=data_cfg.val_fraction, split_seed=data_cfg.split_seed,
+                              mask_dir=mask_dir, transform=transform, require_labels=require_labels)
+    raise DatasetError(f"data.dataset: unknown dataset {data_cfg.dataset!r} (synthetic, voc, coco, folder)")

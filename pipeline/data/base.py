@@ -9,6 +9,11 @@ item up front (``wsss data info`` does).
 Image-level labels are a multi-hot float32 vector over the K foreground classes: index
 ``c - 1`` is set when mask value ``c`` occurs (``0`` = background and ``255`` = ignore never
 count). Readers may instead pass a precomputed label matrix (VOC ``cls_labels.npy`` / XML).
+
+Masks are optional: a reader without them (the ``folder`` dataset when it has no ``masks/``)
+passes ``mask_path=None`` and a label matrix. Then :attr:`SegDataset.has_masks` is False,
+:meth:`~SegDataset.load_mask` raises, items carry an all-255 (ignore) mask so training
+transforms still work, and the evaluators report what they can without ground truth.
 """
 
 from pathlib import Path
@@ -62,7 +67,8 @@ class SegDataset(Dataset):
         root: the dataset root (for messages and ``.root``).
         ids: item ids in split order.
         class_names: index 0 = "background"; mask value c is ``class_names[c]``.
-        image_path / mask_path: id -> file path.
+        image_path / mask_path: id -> file path; ``mask_path=None``: no ground-truth masks
+            (then ``label_matrix`` is required).
         label_matrix: optional (N, K) precomputed labels (else computed from the masks).
         transform: optional joint transform called as ``transform(image, mask)``.
         require_labels: every item must have at least one foreground label (stage 1).
@@ -70,7 +76,7 @@ class SegDataset(Dataset):
     """
 
     def __init__(self, root: Path, ids: Sequence[str], class_names: Sequence[str],
-                 image_path: Callable[[str], Path], mask_path: Callable[[str], Path],
+                 image_path: Callable[[str], Path], mask_path: Callable[[str], Path] | None,
                  label_matrix: np.ndarray | None = None, transform=None,
                  require_labels: bool = False, name: str = "dataset"):
         self.root = Path(root)
@@ -91,6 +97,8 @@ class SegDataset(Dataset):
             if label_matrix.shape != (len(self.ids), self.num_classes - 1):
                 raise DatasetError(f"{name}: label matrix has shape {label_matrix.shape}, expected "
                                    f"({len(self.ids)}, {self.num_classes - 1})")
+        if mask_path is None and label_matrix is None:
+            raise DatasetError(f"{name}: a dataset without masks needs image-level labels")
         self._labels = label_matrix
         self._check_files()
         if require_labels:
@@ -103,7 +111,15 @@ class SegDataset(Dataset):
     def image_path(self, item: str) -> Path:
         return Path(self._image_path(item))
 
+    @property
+    def has_masks(self) -> bool:
+        """True when every item has a ground-truth (or given pseudo-) mask file."""
+        return self._mask_path is not None
+
     def mask_path(self, item: str) -> Path:
+        if self._mask_path is None:
+            raise DatasetError(f"{self.name}: no masks (id {item!r}): this dataset has "
+                               f"image-level labels only")
         return Path(self._mask_path(item))
 
     def index_of(self, item: str) -> int:
@@ -117,7 +133,7 @@ class SegDataset(Dataset):
             if not self.image_path(item).is_file():
                 raise DatasetError(f"{self.name}: id {item!r} is listed but its image "
                                    f"{self.image_path(item)} does not exist")
-            if not self.mask_path(item).is_file():
+            if self.has_masks and not self.mask_path(item).is_file():
                 raise DatasetError(f"{self.name}: id {item!r} is listed but its mask "
                                    f"{self.mask_path(item)} does not exist")
 
@@ -147,7 +163,11 @@ class SegDataset(Dataset):
         return mask
 
     def load_pair(self, item: str) -> tuple[np.ndarray, np.ndarray]:
-        """Image and mask, checked to have the same size."""
+        """Image and mask, checked to have the same size. Without masks the mask is all 255
+        (ignore), the image's size."""
+        if not self.has_masks:
+            image = self.load_image(item)
+            return image, np.full(image.shape[:2], IGNORE_INDEX, np.uint8)
         image, mask = self.load_image(item), self.load_mask(item)
         if image.shape[:2] != mask.shape:
             raise DatasetError(f"{self.name}: image {self.image_path(item)} is "
@@ -191,6 +211,8 @@ class SegDataset(Dataset):
         Truncated files and mask values are found by :meth:`validate` (a full decode)."""
         for item in self.ids:
             _, image_size = self._header(self.image_path(item), "image", item)
+            if not self.has_masks:
+                continue
             mode, mask_size = self._header(self.mask_path(item), "mask", item)
             if mode not in LABEL_MODES:
                 raise DatasetError(f"{self.name}: mask {self.mask_path(item)} (id {item!r}) has mode "
@@ -201,7 +223,8 @@ class SegDataset(Dataset):
                                    f"is {mask_size[1]}x{mask_size[0]} (id {item!r})")
 
     def validate(self) -> None:
-        """Read every image and mask: decodable, sizes agree, values within the classes."""
+        """Read every image and mask: decodable, sizes agree, values within the classes
+        (images only when there are no masks)."""
         for item in self.ids:
             self.load_pair(item)
         if self.require_labels:
@@ -219,4 +242,6 @@ class SegDataset(Dataset):
                 "labels": torch.from_numpy(self.label_matrix()[index].copy()), "id": item}
 
     def __repr__(self) -> str:
-        return f"SegDataset({self.name!r}, {len(self)} images, {self.num_classes - 1} classes, root={self.root})"
+        masks = "" if self.has_masks else ", no masks"
+        return (f"SegDataset({self.name!r}, {len(self)} images, {self.num_classes - 1} classes{masks}, "
+                f"root={self.root})")

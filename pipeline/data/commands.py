@@ -1,7 +1,8 @@
 """``wsss data synth | prepare voc|coco | info``.
 
 * ``synth``: generate the synthetic dataset of the config at ``data.root`` (skipped when it is
-  already there for the same generator config; ``--force`` regenerates).
+  already there for the same generator config; ``--force`` regenerates); ``--folder DIR``
+  also writes it as a ``folder`` dataset (images + labels.csv, ``--masks`` for masks/).
 * ``prepare voc``: VOC2012 trainval (tar) + SBD (benchmark.tgz), extracted beside
   ``data.root`` (which must be ``.../VOCdevkit/VOC2012``); SBD's ``cls/*.mat`` masks become
   ``SegmentationClassAug/*.png`` and ``ImageSets/Segmentation/train_aug.txt`` is written
@@ -69,6 +70,17 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     splits = ", ".join(f"{n} {s}" for s, n in meta["splits"].items())
     print(f"synthetic dataset at {root.resolve()}: {splits} images, "
           f"{len(meta['class_names']) - 1} classes ({', '.join(meta['class_names'][1:])})")
+    if args.folder:
+        from pipeline.data.folder import write_folder_dataset
+        from pipeline.data.voc import voc_dataset
+
+        target = Path(args.folder)
+        (target / "labels.csv").unlink(missing_ok=True)
+        for split in meta["splits"]:
+            csv_path = write_folder_dataset(voc_dataset(root, split, name="synthetic"), target,
+                                            masks=args.masks, split=split, nest=args.nest)
+        print(f"folder dataset at {target.resolve()}: images/, {csv_path.name}"
+              + (", masks/" if args.masks else " (no masks)"))
     return 0
 
 
@@ -170,7 +182,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def format_info(ds) -> str:
     matrix = ds.label_matrix()
     counts = matrix.sum(axis=0).astype(int)
-    lines = [f"{ds.name}: {len(ds)} images, {ds.num_classes - 1} classes, root {ds.root}",
+    masks = "" if ds.has_masks else " (no masks: image-level labels only)"
+    lines = [f"{ds.name}: {len(ds)} images, {ds.num_classes - 1} classes, root {ds.root}{masks}",
              f"  images without labels: {int((matrix.sum(axis=1) == 0).sum())}; "
              f"labels per image: {matrix.sum(axis=1).mean() if len(ds) else 0:.2f}"]
     width = max(len(n) for n in ds.class_names)
@@ -201,6 +214,12 @@ def add_commands(sub) -> None:
     synth = data_sub.add_parser("synth", help="generate the synthetic dataset of the config")
     add_config_arguments(synth)
     synth.add_argument("--force", action="store_true", help="regenerate even when present")
+    synth.add_argument("--folder", default=None, metavar="DIR",
+                       help="also write it as a folder dataset (images/ + labels.csv with a split "
+                            "column) at DIR, to try data.dataset=folder")
+    synth.add_argument("--masks", action="store_true", help="with --folder: write masks/ too")
+    synth.add_argument("--nest", type=int, default=0, metavar="N",
+                       help="with --folder: spread the images over N sub-directories")
     synth.set_defaults(func=_cmd_synth)
 
     prepare = data_sub.add_parser("prepare", help="download and lay out VOC2012+SBD or COCO")
