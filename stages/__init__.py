@@ -15,7 +15,9 @@ calls :func:`run_pipeline`; the Prefect flow calls :func:`run_stage` from one ta
 and adds nothing else.
 """
 
+import contextlib
 import importlib
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -96,6 +98,12 @@ def _cached_result(name: str, out_dir: Path) -> StageResult:
                        duration_s=manifest.get("duration_s", 0.0))
 
 
+def torchrun_follower() -> bool:
+    """True in ranks 1.. of a torchrun job (``WORLD_SIZE > 1``, ``RANK > 0``), read from the
+    environment torchrun sets (no torch import)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0
+
+
 def run_stage(name: str, config: PipelineConfig, upstream: Mapping[str, StageResult],
               tracker: Tracker = NULL_TRACKER, force: bool = False,
               say: Callable[[str], None] | None = None) -> StageResult:
@@ -109,7 +117,9 @@ def run_stage(name: str, config: PipelineConfig, upstream: Mapping[str, StageRes
     spec = STAGES[name]
     key = stage_key(config, name, {u: upstream[u].key for u in spec.upstream if u in upstream})
     out_dir = stage_dir(config.workdir, name, key)
-    with stage_lock(config.workdir, name, key, say=say):
+    # the ranks of one torchrun job are one run: rank 0 holds the lock and writes the marker
+    lock = contextlib.nullcontext() if torchrun_follower() else stage_lock(config.workdir, name, key, say=say)
+    with lock:
         if force and out_dir.exists():
             shutil.rmtree(out_dir)
         if is_complete(out_dir):
@@ -132,6 +142,8 @@ def _compute(name: str, config: PipelineConfig, upstream: Mapping[str, StageResu
     result.duration_s = time.time() - start
     result.key, result.path, result.stage, result.cached = key, str(out_dir), name, False
     result.run_id = result.run_id or tracker.run_id
+    if torchrun_follower():
+        return result
     finish_stage(out_dir, {
         "stage": name, "key": key, "config": stage_config(config, name),
         "inputs": {u: upstream[u].key for u in spec.upstream},

@@ -49,25 +49,36 @@ class Estimate:
     host_peak_mb: float
     disk_mb: float
     note: str = ""
+    flops_per_step: float = 0.0      # counted by torch's FlopCounterMode (model stages only)
 
     @property
     def seconds(self) -> float:
         return self.seconds_per_step * self.steps
 
 
-def _timed(step: Callable[[], None], device: torch.device, samples: int) -> tuple[float, float]:
-    """(seconds per call after one warm-up, peak GPU MB) of ``step``."""
+def _timed(step: Callable[[], None], device: torch.device, samples: int,
+           count_flops: bool = False) -> tuple[float, float, float]:
+    """(seconds per call after one warm-up, peak GPU MB, FLOPs per call or 0) of ``step``."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     step()
     runtime_sync(device)
+    flops = _count_flops(step) if count_flops else 0.0
     start = time.perf_counter()
     for _ in range(samples):
         step()
     runtime_sync(device)
     per_step = (time.perf_counter() - start) / samples
     gpu = torch.cuda.max_memory_allocated(device) / MB if device.type == "cuda" else 0.0
-    return per_step, gpu
+    return per_step, gpu, flops
+
+
+def _count_flops(step: Callable[[], None]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
 
 
 def runtime_sync(device: torch.device) -> None:
@@ -99,7 +110,7 @@ def _with_loading(compute: float, loading: float, workers: int) -> float:
 
 # --------------------------------------------------------------------------- stage samplers
 def sample_classifier(config: PipelineConfig, dataset, num_images: int, num_classes: int,
-                      device: torch.device, samples: int) -> Estimate:
+                      device: torch.device, samples: int, count_flops: bool = False) -> Estimate:
     from stages.train_classifier import (CoAttentionClassifier, PairDataset, PairTrainer,
                                          build_optimizer, self_pair_views, training_transform)
     cfg = config.classifier
@@ -122,7 +133,7 @@ def sample_classifier(config: PipelineConfig, dataset, num_images: int, num_clas
         terms["loss"].backward()
         optimizer.step()
 
-    per_step, gpu = _timed(step, device, samples)
+    per_step, gpu, flops = _timed(step, device, samples, count_flops)
     pairs = PairDataset(dataset, [(i % len(dataset), (i + 1) % len(dataset)) for i in range(samples)],
                         training_transform(cfg), self_pair_views(s) if cfg.self_pairs else [])
     per_step = _with_loading(per_step, _load_seconds(pairs.__getitem__, b, samples), cfg.num_workers)
@@ -130,10 +141,11 @@ def sample_classifier(config: PipelineConfig, dataset, num_images: int, num_clas
     weights = _param_bytes(model)
     disk = (cfg.epochs + 2) * weights      # one checkpoint per epoch + resume.pt (model + momentum)
     return Estimate("train_classifier", per_step, steps, gpu, host_peak_mb(), disk / MB,
-                    f"{steps} steps of {cfg.batch_size} pairs")
+                    f"{steps} steps of {cfg.batch_size} pairs", flops)
 
 
-def sample_maps(config: PipelineConfig, dataset, device: torch.device, samples: int) -> Estimate:
+def sample_maps(config: PipelineConfig, dataset, device: torch.device, samples: int,
+                count_flops: bool = False) -> Estimate:
     from pipeline.feature_cache import FeatureCache
     from pipeline.maps_io import save_maps
     from stages import generate_cams as g
@@ -157,7 +169,7 @@ def sample_maps(config: PipelineConfig, dataset, device: torch.device, samples: 
         g.official_maps(model, f, copies if cfg.self_pairs else [], classes,
                         {c: ["p"] * cfg.num_related for c in classes}, partners, cfg.num_related)
 
-    per_step, gpu = _timed(step, device, samples)
+    per_step, gpu, flops = _timed(step, device, samples, count_flops)
     feature_bytes = model.features(x).numel() * 2
     plan = g.make_plan(dataset, cfg.num_related, config.seed, cfg.related_pool)
     partners_of, uses = g.feature_uses(plan.ids, plan.classes, plan.related)
@@ -177,7 +189,7 @@ def sample_maps(config: PipelineConfig, dataset, device: torch.device, samples: 
         per_file = (Path(tmp) / "m.npy").stat().st_size
     return Estimate("generate_cams", per_step, len(dataset), gpu, host_peak_mb() + (
         0 if device.type == "cuda" else cache_mb), per_file * len(dataset) / MB,
-        f"feature cache peak {cache_mb:.0f} MB of maps.cache_mb={cfg.cache_mb}")
+        f"feature cache peak {cache_mb:.0f} MB of maps.cache_mb={cfg.cache_mb}", flops)
 
 
 def sample_crf(config: PipelineConfig, dataset, samples: int) -> Estimate:
@@ -197,7 +209,7 @@ def sample_crf(config: PipelineConfig, dataset, samples: int) -> Estimate:
         saliency = rng.random(image.shape[:2]).astype(np.float32) if params.method == "oaa" else None
         return refine_maps(image, [1, 2], maps, params, saliency)
 
-    per_step, _ = _timed(step, torch.device("cpu"), samples)
+    per_step, _, _ = _timed(step, torch.device("cpu"), samples)
     with tempfile.TemporaryDirectory() as tmp:
         save_label_png(Path(tmp) / "m.png", step())
         png = (Path(tmp) / "m.png").stat().st_size
@@ -207,7 +219,7 @@ def sample_crf(config: PipelineConfig, dataset, samples: int) -> Estimate:
 
 
 def sample_segmentors(config: PipelineConfig, num_classes: int, device: torch.device,
-                      samples: int) -> list[Estimate]:
+                      samples: int, count_flops: bool = False) -> list[Estimate]:
     from models.segmentors import build_segmentor, builder_options
     from pipeline.data import build_dataset
     from pipeline.data.transforms import train_transform
@@ -242,11 +254,11 @@ def sample_segmentors(config: PipelineConfig, num_classes: int, device: torch.de
             loss.backward()
             optimizer.step()
 
-        per_step, gpu = _timed(step, device, samples)
+        per_step, gpu, flops = _timed(step, device, samples, count_flops)
         per_step = _with_loading(per_step, loading, cfg.num_workers)
         disk = 3 * _param_bytes(model)       # rolling checkpoint (model + momentum) + final model
         out.append(Estimate(f"train_segmentor:{name}", per_step, cfg.iterations, gpu, host_peak_mb(),
-                            disk / MB, f"{cfg.iterations} it x {cfg.batch_size} crops {c}px"))
+                            disk / MB, f"{cfg.iterations} it x {cfg.batch_size} crops {c}px", flops))
         del model, optimizer
     return out
 
@@ -274,8 +286,10 @@ def summarise_data(config: PipelineConfig) -> tuple[DataSummary, object]:
 
 
 def make_estimates(config: PipelineConfig, samples: int = 2, stages: Sequence[str] | None = None,
-                   device: torch.device | None = None) -> tuple[DataSummary, list[Estimate]]:
-    """The data summary and one :class:`Estimate` per stage (``stages``: a subset)."""
+                   device: torch.device | None = None,
+                   count_flops: bool = False) -> tuple[DataSummary, list[Estimate]]:
+    """The data summary and one :class:`Estimate` per stage (``stages``: a subset;
+    ``count_flops``: also count each model step's FLOPs, for benchmarks/gpu.py)."""
     from pipeline.data import build_dataset
 
     device = device or runtime.select_device(config.device)
@@ -285,13 +299,13 @@ def make_estimates(config: PipelineConfig, samples: int = 2, stages: Sequence[st
     labelled = int((train.label_matrix().sum(1) > 0).sum())
     estimates = []
     if "train_classifier" in wanted:
-        estimates.append(sample_classifier(config, train, labelled, k, device, samples))
+        estimates.append(sample_classifier(config, train, labelled, k, device, samples, count_flops))
     if "generate_cams" in wanted:
-        estimates.append(sample_maps(config, train, device, samples))
+        estimates.append(sample_maps(config, train, device, samples, count_flops))
     if "refine_crf" in wanted:
         estimates.append(sample_crf(config, train, samples))
     if "train_segmentor" in wanted or "evaluate" in wanted:
-        segs = sample_segmentors(config, train.num_classes, device, samples)
+        segs = sample_segmentors(config, train.num_classes, device, samples, count_flops)
         if "train_segmentor" in wanted:
             estimates += segs
         if "evaluate" in wanted:

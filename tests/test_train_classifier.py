@@ -243,3 +243,28 @@ def test_per_side_contrastive_weights_in_a_step():
             terms = trainer(x_m, x_n, [], l_m, l_n, w_m, w_n)
             assert torch.isclose(terms["con_co_att"], w_m * ref["con_m"] + w_n * ref["con_n"], atol=1e-5)
             assert torch.isclose(terms["basic"], ref["basic"], atol=1e-5)
+
+
+def test_wsss_run_under_torchrun_two_cpu_processes(tmp_path):
+    """The user's DDP path: `torchrun --nproc_per_node=2 -m pipeline.cli run --stages
+    train_classifier` (gloo on CPU). Both ranks enter the stage (only rank 0 takes the stage
+    lock and writes the completion marker), so neither waits for the other forever."""
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parent.parent
+    config = tmp_path / "ddp.yaml"
+    config.write_text("\n".join([
+        "preset: demo", f"workdir: {tmp_path / 'work'}", "device: cpu",
+        "data: {root: %s, synthetic: {num_train: 15, num_val: 4, num_classes: 3, image_size: 48}}"
+        % (tmp_path / "data"),
+        "classifier: {epochs: 1, batch_size: 4, image_size: 48, feature_channels: 16, "
+        "backbone_options: {width: 8}, num_workers: 0}"]))
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={_free_port()}", "-m", "pipeline.cli", "run", "--config",
+                           str(config), "--stages", "train_classifier"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = list((tmp_path / "work" / "train_classifier").glob("*/COMPLETE"))
+    assert len(done) == 1
+    assert sorted(list_checkpoints(done[0].parent)) == [1]
