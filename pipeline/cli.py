@@ -15,7 +15,8 @@ from pipeline.config import ConfigError, config_to_dict, load_config
 from pipeline.errors import DiskFullError, InputError
 
 # modules contributing sub-commands; a missing optional one is skipped
-COMMAND_MODULES = ("pipeline.data.commands", "pipeline.cli_run", "pipeline.cli_plan", "flows.cli")
+COMMAND_MODULES = ("pipeline.data.commands", "pipeline.cli_run", "pipeline.cli_plan", "pipeline.cli_predict",
+                   "flows.cli")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
