@@ -216,6 +216,18 @@ class MlflowTracker(Tracker):
         for chunk in _chunks(items, MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, tags=chunk)
 
+    def log_model(self, checkpoint: Path, extra: Mapping[str, Any] | None = None) -> str:
+        """``pipeline.model_registry.log_segmentor`` into this run."""
+        from pipeline.model_registry import log_segmentor
+
+        return log_segmentor(self.client, self.run_id, Path(checkpoint), extra)
+
+    def register_model(self, model_uri: str, name: str, tags: Mapping[str, Any]) -> str:
+        """``pipeline.model_registry.register_segmentor`` with this tracker's client."""
+        from pipeline.model_registry import register_segmentor
+
+        return register_segmentor(self.client, model_uri, name, tags)
+
     def child(self, name: str) -> "MlflowTracker":
         """The nested run ``name`` (created on first use, then reused)."""
         if name not in self.children:

@@ -30,6 +30,16 @@ class Tracker:
         """A nested tracker for a sub-unit (e.g. one segmentor inside stage 4)."""
         return self
 
+    def log_model(self, checkpoint: Path, extra: Mapping[str, Any] | None = None) -> str | None:
+        """A finished segmentor checkpoint as the run's model (``pipeline.model_registry``);
+        returns its URI, None when nothing was logged (as here)."""
+        return None
+
+    def register_model(self, model_uri: str, name: str, tags: Mapping[str, Any]) -> str | None:
+        """A new registry version of ``name`` from ``model_uri``, tagged; returns
+        ``models:/<name>/<version>``, None when nothing was registered (as here)."""
+        return None
+
     def close(self, status: str = "FINISHED") -> None:
         """End the run this tracker writes to (no-op here)."""
 
@@ -45,6 +55,8 @@ class MemoryTracker(Tracker):
         self.tags: dict[str, str] = {}
         self.children: dict[str, "MemoryTracker"] = {}
         self.status: str | None = None
+        self.models: list[tuple[Path, dict[str, Any]]] = []
+        self.registered: list[tuple[str, str, dict[str, Any]]] = []
 
     def log_params(self, params):
         self.params.update(params)
@@ -60,6 +72,14 @@ class MemoryTracker(Tracker):
 
     def child(self, name):
         return self.children.setdefault(name, MemoryTracker(name))
+
+    def log_model(self, checkpoint, extra=None):
+        self.models.append((Path(checkpoint), dict(extra or {})))
+        return f"memory:/{self.name}/model"
+
+    def register_model(self, model_uri, name, tags):
+        self.registered.append((model_uri, name, dict(tags)))
+        return f"models:/{name}/{len(self.registered)}"
 
     def close(self, status="FINISHED"):
         self.status = status

@@ -442,6 +442,25 @@ def headline(scores: Mapping[str, Any], agreement: Mapping[str, Any], models: Se
     return line + f"; no ground-truth masks ({', '.join(absent)})"
 
 
+def register_models(config: PipelineConfig, trained: StageResult, models: Sequence[str],
+                    metrics: Mapping[str, Any], tracker: Tracker) -> dict[str, str]:
+    """A registry version ``wsss-<preset>-<model>`` of each segmentor stage 4 logged as a model
+    (``<model>_model_uri``), tagged with this run's headline metrics; returns name -> URI."""
+    from pipeline.model_registry import registered_name
+
+    headline = {k: v for k, v in metrics.items() if isinstance(v, (str, float, int)) and not isinstance(v, bool)}
+    done = {}
+    for name in models:
+        uri = trained.metrics.get(f"{name}_model_uri")
+        if uri:
+            tags = {**headline, "segmentor_miou": metrics.get(f"{name}_miou"), "preset": config.name,
+                    "stage4_key": trained.key}
+            registered = tracker.register_model(uri, registered_name(config.name, name), tags)
+            if registered:
+                done[name] = registered
+    return done
+
+
 def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Path,
         tracker: Tracker = NULL_TRACKER) -> StageResult:
     ev = config.evaluation
@@ -526,6 +545,8 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
     tracker.log_metrics({**{k: v for k, v in metrics.items() if isinstance(v, float)},
                          **per_class_metrics(scores["maps"], "maps_iou/"),
                          **per_class_metrics(scores["pseudo_masks"], "pseudo_mask_iou/")})
+    for name, uri in register_models(config, upstream["train_segmentor"], models, metrics, tracker).items():
+        metrics[f"{name}_registered_model"] = uri
     for name in ("metrics.json", "per_class_iou.md", "label_agreement.md"):
         if (out_dir / name).is_file():
             tracker.log_artifact(out_dir / name)

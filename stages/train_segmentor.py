@@ -482,6 +482,10 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
     for name, res in results.items():
         for key, value in res["final"].items():
             metrics[f"{name}_{key}"] = value
+        # once per segmentor, after its training: the registry's model (no-op without MLflow)
+        uri = tracker.child(name).log_model(out_dir / name / MODEL_FILE, {"preset": config.name})
+        if uri:
+            metrics[f"{name}_model_uri"] = uri
     metrics["headline"] = ", ".join(f"{n} loss {r['final'].get('loss', float('nan')):.3f}"
                                     for n, r in results.items()) + f" ({cfg.iterations} it)"
     files = {name: f"{name}/{MODEL_FILE}" for name in results}
