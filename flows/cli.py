@@ -1,9 +1,10 @@
 """``wsss up | down | status | deploy | deployments | submit | flow | demo``.
 
 ``wsss demo`` is the main job: start the services (``wsss up``), deploy (``prefect deploy
---all`` from prefect.yaml), run ``prefect deployment run wsss/demo --watch`` and print the
-summary table with the Prefect and MLflow UI links. Everything lives under the project's
-work directory ``work/`` (``$WSSS_HOME`` to move it).
+--all`` from prefect.yaml), run ``prefect deployment run wsss/demo``, follow its progress
+from the Prefect API (``flows.watch``: one bar or line per stage) and print the summary
+table with the Prefect and MLflow UI links. Everything lives under the project's work
+directory ``work/`` (``$WSSS_HOME`` to move it).
 """
 
 import argparse
@@ -122,10 +123,12 @@ def _cmd_deploy(args) -> int:
 # ---------------------------------------------------------------------- runs
 def submit(home: Path, deployment: str, config, stages: list[str] | None = None, force: bool = False,
            watch: bool = True, echo: bool = True, timeout: float | None = None,
-           validate: bool = False) -> tuple[int, str | None, str]:
-    """``prefect deployment run wsss/<deployment> [--watch]`` with the full config as
-    parameter (and ``validate``: the flow decodes every input file first); returns (exit
-    code, flow-run id, output)."""
+           validate: bool = False, console=None) -> tuple[int, str | None, str]:
+    """``prefect deployment run wsss/<deployment>`` with the full config as parameter (and
+    ``validate``: the flow decodes every input file first), then, with ``watch``, the run's
+    progress read from the Prefect API (:mod:`flows.watch`: stage lines, progress bars,
+    warnings) until it ends; returns (exit code: 0 when the run completed, flow-run id, the
+    creating command's output)."""
     from flows import services
     from pipeline.config import config_to_dict
 
@@ -139,27 +142,44 @@ def submit(home: Path, deployment: str, config, stages: list[str] | None = None,
         params["validate"] = True
     command = [sys.executable, "-m", "prefect", "deployment", "run", f"wsss/{deployment}",
                "--params", json.dumps(params)]
-    if watch:
-        command.append("--watch")
     env = services.client_env(layout, state)
     env["COLUMNS"] = "200"
-    # the watcher only prints events: at the servers' lower priority it leaves the CPU to the run
-    process = subprocess.Popen(command, cwd=_root(), env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True,
-                               preexec_fn=lambda: os.nice(services.SERVER_NICENESS))
-    lines, run_id = [], None
-    start = time.monotonic()
-    for line in process.stdout:
-        lines.append(line)
-        match = FLOW_RUN_ID.search(line)
-        if match and run_id is None:
-            run_id = match.group(1)
-        if echo and not line.lstrip().startswith("└── Parameters:"):
-            print(line, end="", flush=True)
-        if timeout and time.monotonic() - start > timeout:
-            process.kill()
-            break
-    return process.wait(), run_id, "".join(lines)
+    result = subprocess.run(command, cwd=_root(), env=env, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    match = FLOW_RUN_ID.search(output)
+    run_id = match.group(1) if match else None
+    if result.returncode != 0 or run_id is None:
+        if echo:
+            print(output, end="", flush=True)
+        return result.returncode or 1, run_id, output
+    if echo:
+        name = re.search(r"Created flow run '([^']+)'", output)
+        _say(f"flow run {name.group(1) if name else run_id} created ({run_id}): "
+             f"{state['prefect'].url}/runs/flow-run/{run_id}")
+    if not watch:
+        return 0, run_id, output
+    final = _watch(state, run_id, console, echo, timeout)
+    return (0 if final == "COMPLETED" else 1), run_id, output
+
+
+def _watch(state: dict, run_id: str, console, echo: bool, timeout: float | None) -> str:
+    """The run's progress from the Prefect API on ``console`` (a silent one without ``echo``)."""
+    import io
+
+    from flows.services import api_request
+    from flows.watch import watch_flow_run
+    from pipeline.console import Console
+    from stages import STAGE_ORDER
+
+    api = f"{state['prefect'].url}/api"
+    own = console is None
+    console = console or (Console() if echo else Console(io.StringIO(), live=False))
+    try:
+        return watch_flow_run(lambda path, method, body: api_request(api + path, method, body),
+                              run_id, console, STAGE_ORDER, timeout=timeout)
+    finally:
+        if own:
+            console.close()
 
 
 def failure_message(state: dict, run_id: str) -> str:
@@ -258,7 +278,7 @@ def _cmd_demo(args) -> int:
         services.up(_home(args), args.prefect_port, args.mlflow_port, say=_say)
         _say(f"services up after {time.time() - start:.1f}s; deploying (prefect deploy --all)")
         deploy(_home(args))
-        _say(f"deployed after {time.time() - start:.1f}s; running prefect deployment run wsss/demo --watch")
+        _say(f"deployed after {time.time() - start:.1f}s; running wsss/demo")
         code = _run_and_report(args, "demo", config)
     except services.ServiceError as err:
         print(f"wsss demo: {err}", file=sys.stderr)
@@ -268,14 +288,25 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_flow(args) -> int:
-    """The flow in this process (Prefect's ephemeral API unless PREFECT_API_URL is set)."""
+    """The flow in this process (Prefect's ephemeral API unless PREFECT_API_URL is set), with
+    the terminal progress of ``wsss run``; Prefect's own console log shows warnings and errors
+    only (the run's full log stays in the API and the UI)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    from flows.progress import LOCAL_VIEWS, TerminalStages
     from flows.wsss import wsss
+    from pipeline.console import Console
 
     config = config_from_args(args)
     stages = args.stages.split(",") if args.stages else None
-    results = wsss(config=config, **({"stages": stages} if stages else {}), force=args.force,
-                   validate=args.validate)
+    with Console() as console:
+        view = TerminalStages(console)
+        LOCAL_VIEWS.append(view)
+        try:
+            results = wsss(config=config, **({"stages": stages} if stages else {}), force=args.force,
+                           validate=args.validate)
+        finally:
+            LOCAL_VIEWS.remove(view)
     from pipeline.cli_run import format_summary
     from pipeline.storage import StageResult
 

@@ -42,7 +42,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from flows.paths import home, project_root, resolve_workdir
-from flows.progress import FileCounter, Progress, StageTracker, StepCounter
+from flows.progress import LOCAL_VIEWS, Progress, StageTracker, artifact_sink, stage_progress
 from pipeline.cli_run import format_summary
 from pipeline.config import PipelineConfig, flatten, preset
 from pipeline.storage import StageResult, atomic_write_json, is_complete, stage_dir, stage_lock
@@ -77,25 +77,13 @@ def _stage_tracker(tracking: Optional[dict], name: str, config: PipelineConfig) 
 
 
 def _progress_for(name: str, config: PipelineConfig, out_dir: Path, flow_run_key: str):
-    """Progress artifact and how to measure it for stage ``name`` (see flows.progress)."""
+    """Progress of stage ``name`` (see flows.progress): the Prefect artifact, plus the
+    terminal views of an in-process run (``wsss flow``)."""
     key = f"{flow_run_key}-{name}".replace("_", "-").lower()
-    progress = Progress(key, f"{name}: progress")
-    steps, counter = None, None
-    if name == "train_classifier":
-        steps = StepCounter(config.classifier.epochs, prefix="epoch/")
-    elif name == "train_segmentor":
-        steps = StepCounter(config.segmentor.iterations, units=len(config.segmentor.models))
-    elif name in ("generate_cams", "refine_crf"):
-        try:
-            from pipeline.data import build_dataset
-
-            split = config.maps.split or config.data.train_split
-            total = len(build_dataset(config.data, split).ids)
-        except Exception:  # progress is cosmetic: never fail a stage over it
-            total = 0
-        if total:
-            pattern = "*.npy" if name == "generate_cams" else "*.png"
-            counter = FileCounter(out_dir, pattern, total, progress.set)
+    sinks = (artifact_sink(Progress(key, f"{name}: progress")),) + tuple(v.sink() for v in LOCAL_VIEWS)
+    progress, steps, counter = stage_progress(name, config, out_dir, sinks)
+    for view in LOCAL_VIEWS:
+        view.start(name, progress, counter)
     return progress, steps, counter
 
 
@@ -124,7 +112,9 @@ def _run_stage_task(name: str, config: PipelineConfig, upstream: dict[str, Stage
         finally:
             if counter:
                 counter.stop()
-        if progress:
+        for view in LOCAL_VIEWS:
+            view.end(result)   # finishes the progress too
+        if progress and not LOCAL_VIEWS:
             progress.finish()
         try:
             _report_stage(inner, result, tracking, already=tracker.logged)

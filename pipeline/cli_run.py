@@ -25,6 +25,10 @@ def format_summary(results) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    """The stages in this process, with one progress bar (or, off a terminal, plain progress
+    lines) per computed stage, a line per stage end or cache hit, then the summary table."""
+    from flows.progress import TerminalStages
+    from pipeline.console import Console
     from stages import check_run_inputs, run_pipeline
 
     if getattr(args, "skip_missing", False):
@@ -32,14 +36,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     stages = args.stages.split(",") if args.stages else None
     start = time.time()
-    checked = check_run_inputs(config, stages, force=args.force, decode=args.validate)
-    if checked:
-        print(f"[wsss] inputs {'decoded' if args.validate else 'checked'} in {time.time() - start:.1f}s: "
-              f"split(s) {', '.join(checked)}", flush=True)
-    results = run_pipeline(config, stages=stages, force=args.force,
-                           on_result=lambda r: print(f"[wsss] {r.stage}: {'cached' if r.cached else 'done'} "
-                                                     f"in {r.duration_s:.1f}s -> {r.path}", flush=True),
-                           say=lambda text: print(f"[wsss] {text}", flush=True))
+    with Console() as console:
+        checked = check_run_inputs(config, stages, force=args.force, decode=args.validate)
+        if checked:
+            console.say(f"inputs {'decoded' if args.validate else 'checked'} in {time.time() - start:.1f}s: "
+                        f"split(s) {', '.join(checked)}")
+        view = TerminalStages(console)
+        results = run_pipeline(config, stages=stages, force=args.force, on_result=view.end, say=console.say,
+                               on_start=lambda name, out_dir, reuse, tracker:
+                                   view.wrap(name, config, out_dir, reuse, tracker))
     print(format_summary(results.values()))
     print(f"total {time.time() - start:.1f}s")
     return 0

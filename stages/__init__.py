@@ -217,16 +217,26 @@ def check_run_inputs(config: PipelineConfig, selected: Iterable[str] | None = No
 def run_pipeline(config: PipelineConfig, stages: Iterable[str] | None = None, force: bool = False,
                  tracker: Tracker = NULL_TRACKER,
                  on_result: Callable[[StageResult], None] | None = None,
-                 say: Callable[[str], None] | None = None) -> dict[str, StageResult]:
+                 say: Callable[[str], None] | None = None,
+                 on_start: Callable[[str, Path, bool, Tracker], Tracker] | None = None,
+                 ) -> dict[str, StageResult]:
     """Run the selected stages in order (default: all). Stages a selected stage depends on
     but that were not selected are reused when complete and computed otherwise; ``force``
-    applies to the selected stages only; ``say`` reports waits for a stage lock."""
+    applies to the selected stages only; ``say`` reports waits for a stage lock.
+    ``on_start(name, out_dir, will_reuse, tracker)`` is called before each stage and returns
+    the tracker the stage logs to (e.g. ``tracker`` wrapped to show progress); ``on_result``
+    gets each result."""
     selected = set(check_stage_names(stages if stages is not None else STAGE_ORDER))
     results: dict[str, StageResult] = {}
     for name in needed_stages(selected):
         inputs = {u: results[u] for u in STAGES[name].upstream}
-        results[name] = run_stage(name, config, inputs, tracker.child(name),
-                                  force=force and name in selected, say=say)
+        stage_force = force and name in selected
+        stage_tracker = tracker.child(name)
+        if on_start:
+            out_dir = stage_dir(config.workdir, name,
+                                stage_key(config, name, {u: r.key for u, r in inputs.items()}))
+            stage_tracker = on_start(name, out_dir, is_complete(out_dir) and not stage_force, stage_tracker)
+        results[name] = run_stage(name, config, inputs, stage_tracker, force=stage_force, say=say)
         if on_result:
             on_result(results[name])
     return results

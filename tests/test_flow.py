@@ -8,6 +8,7 @@ one grandchild per segmentor, cached children pointing at the producing run).
 """
 
 import ast
+import io
 import shutil
 import sys
 import types
@@ -287,3 +288,39 @@ def test_rerun_marks_the_records_of_a_killed_flow_run(harness, fake_stages, tmp_
     with get_client(sync_client=True) as prefect:
         assert prefect.read_flow_run(flow_run.id).state.type.value == "CRASHED"
         assert prefect.read_task_run(task_run.id).state.type.value == "CRASHED"
+
+
+def test_wsss_flow_prints_stage_progress_and_a_watch_reads_it_back_from_the_api(harness, fake_stages,
+                                                                                tmp_path, capsys):
+    """`wsss flow` off a terminal: a start line, progress lines and an end line per stage,
+    not Prefect's event stream; the progress artifacts carry the counts, and flows.watch
+    reads the run back from the real Prefect API (task runs, artifacts, logs)."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.progress import parse_detail
+    from flows.services import api_request
+    from flows.watch import watch_flow_run
+    from pipeline.cli import main
+    from pipeline.console import Console
+
+    overrides = [f"workdir={tmp_path / 'work'}", f"data.root={tmp_path / 'data'}", "data.synthetic.num_train=6",
+                 "data.synthetic.num_val=2", "data.synthetic.image_size=32", "segmentor.iterations=3"]
+    assert main(["flow", *[a for o in overrides for a in ("--set", o)]]) == 0
+    out = capsys.readouterr().out
+    for name in stages.STAGE_ORDER:
+        assert f"[wsss] {name}: started" in out and f"[wsss] {name}: done in" in out
+    assert "[wsss] train_segmentor 6/6 iterations 100% loss=" in out
+    assert "prefect.artifact" not in out
+
+    api = PREFECT_API_URL.value().rstrip("/")
+    request = lambda path, method, body: api_request(api + path, method, body)  # noqa: E731
+    run = request("/flow_runs/filter", "POST", {"sort": "EXPECTED_START_TIME_DESC", "limit": 1})[0]
+    artifacts = request("/artifacts/filter", "POST", {"artifacts": {
+        "flow_run_id": {"any_": [run["id"]]}, "type": {"any_": ["progress"]}}})
+    details = {a["description"].split(":")[0]: parse_detail(a["description"].split(": ", 1)[1]) for a in artifacts}
+    assert details["train_segmentor"][:3] == (6, 6, "iterations")
+    shown = io.StringIO()
+    assert watch_flow_run(request, run["id"], Console(shown, live=False), stages.STAGE_ORDER,
+                          sleep=lambda s: None) == "COMPLETED"
+    for name in stages.STAGE_ORDER:
+        assert f"[wsss] {name}: done in" in shown.getvalue()

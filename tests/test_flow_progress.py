@@ -3,7 +3,8 @@
 import logging
 import time
 
-from flows.progress import FileCounter, Progress, StageTracker, StepCounter
+from flows.progress import (FileCounter, Progress, StageProgress, StageTracker, StepCounter, artifact_sink,
+                            format_detail, parse_detail)
 from pipeline.tracking import MemoryTracker
 
 
@@ -17,6 +18,7 @@ class FakeArtifacts:
 
     def update(self, artifact_id, progress, description=None):
         self.updates.append(progress)
+        self.descriptions = getattr(self, "descriptions", []) + [description]
 
 
 def test_progress_is_monotone_throttled_and_finishes_at_100():
@@ -59,7 +61,8 @@ def test_stage_tracker_forwards_logs_and_reports(caplog):
     fake = FakeArtifacts()
     progress = Progress("k", "d", min_interval_s=0, create=fake.create, update=fake.update)
     logger = logging.getLogger("test-stage-tracker")
-    tracker = StageTracker(inner, "train_segmentor", logger, progress=progress,
+    tracker = StageTracker(inner, "train_segmentor", logger,
+                           progress=StageProgress("train_segmentor", 8, "iterations", (artifact_sink(progress),)),
                            steps=StepCounter(4, units=2), log_every_s=0)
     with caplog.at_level(logging.INFO, logger="test-stage-tracker"):
         tracker.log_params({"a": 1})
@@ -74,9 +77,35 @@ def test_stage_tracker_forwards_logs_and_reports(caplog):
     assert inner.params == {"a": 1}
     assert inner.children["sanet"].history("loss") == [0.5]
     assert fake.updates == [25.0, 75.0]
+    assert fake.descriptions[-1] == "d: 6/8 iterations · loss=0.7"
     assert "train_segmentor/sanet step 2: loss=0.5" in caplog.text
     assert "step/loss=2" in caplog.text and "step/loss=1.5" not in caplog.text
     assert "train_classifier step 1: epoch/loss=1.7" in caplog.text
     assert tracker.child("sanet") is sanet
     tracker.close("FINISHED")
     assert inner.status == "FINISHED" and inner.children["fcn"].status == "FINISHED"
+
+
+def test_detail_round_trips_through_the_artifact_description():
+    text = format_detail(12, 40, "epochs", "step/loss=0.312")
+    assert text == "12/40 epochs · step/loss=0.312"
+    assert parse_detail(text) == (12, 40, "epochs", "step/loss=0.312")
+    assert parse_detail(format_detail(3, 9, "images")) == (3, 9, "images", "")
+    assert parse_detail("progress") is None
+
+
+def test_stage_progress_counts_keeps_latest_metrics_and_survives_a_failing_sink():
+    seen = []
+
+    def broken(progress, final):
+        raise RuntimeError("cosmetic")
+
+    progress = StageProgress("train_classifier", 4, "epochs",
+                             (broken, lambda p, final: seen.append((p.done, p.detail(), final))))
+    progress.note({"step/loss": 0.5, "step/lr": 0.1, "flag": True})
+    progress.count(1)
+    progress.count(0)            # never goes back
+    progress.finish()
+    assert seen == [(1, "1/4 epochs · step/loss=0.5, step/lr=0.1", False),
+                    (1, "1/4 epochs · step/loss=0.5, step/lr=0.1", False),
+                    (4, "4/4 epochs · step/loss=0.5, step/lr=0.1", True)]

@@ -213,5 +213,5 @@ def test_two_same_config_wsss_runs_wait_for_each_other(tmp_path):
     assert f"held by pid {first.pid}" in logs["second"]
     out_dir = Path(cfg.workdir) / "train_classifier" / key
     assert f"train_classifier: done in" in logs["first"] and f"-> {out_dir}" in logs["first"]
-    assert f"train_classifier: cached in" in logs["second"] and f"-> {out_dir}" in logs["second"]
+    assert f"train_classifier: cached" in logs["second"] and f"-> {out_dir}" in logs["second"]
     assert is_complete(out_dir)
