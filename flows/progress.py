@@ -292,6 +292,18 @@ class StageTracker(Tracker):
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.inner.set_tags(tags)
 
+    def log_image(self, path: Path, key: str, step: int = 0) -> None:
+        self.inner.log_image(path, key, step)
+
+    def log_model(self, checkpoint: Path, extra=None):
+        return self.inner.log_model(checkpoint, extra)
+
+    def register_model(self, model_uri: str, name: str, tags):
+        return self.inner.register_model(model_uri, name, tags)
+
+    def log_input(self, name: str, digest: str, source: str, context: str, profile=None) -> None:
+        self.inner.log_input(name, digest, source, context, profile)
+
     def child(self, name: str) -> "StageTracker":
         if name not in self.children:
             self.children[name] = StageTracker(self.inner.child(name), f"{self.name}/{name}",

@@ -45,10 +45,10 @@ from flows.paths import home, project_root, resolve_workdir
 from flows.progress import LOCAL_VIEWS, Progress, StageTracker, artifact_sink, stage_progress
 from pipeline.cli_run import format_summary
 from pipeline.config import PipelineConfig, flatten, preset
-from pipeline.storage import StageResult, atomic_write_json, is_complete, stage_dir, stage_lock
+from pipeline.storage import StageResult, atomic_write_json, hash_text, is_complete, stage_dir, stage_lock
 from pipeline.tracking import NULL_TRACKER, Tracker
 from stages import (STAGE_ORDER, STAGES, check_run_inputs, check_stage_names, needed_stages, run_stage,
-                    stage_config, stage_key)
+                    splits_read, stage_config, stage_key)
 
 StageName = Literal[STAGE_ORDER]  # type: ignore[valid-type]  # the five names, for the schema
 SUMMARY_KEY = "wsss-summary"
@@ -62,8 +62,10 @@ def tracking_enabled() -> bool:
     return os.environ.get(TRACKING_ENV, "on").lower() not in ("off", "0", "false", "no")
 
 
-def _stage_tracker(tracking: Optional[dict], name: str, config: PipelineConfig) -> Tracker:
-    """The MLflow child run of stage ``name`` under the flow's parent run (explicit parent id)."""
+def _stage_tracker(tracking: Optional[dict], name: str, config: PipelineConfig,
+                   upstream: Optional[dict] = None, computes: bool = True, logger=None) -> Tracker:
+    """The MLflow child run of stage ``name`` under the flow's parent run (explicit parent id),
+    with the data sets it reads as inputs and, when it ``computes``, system metrics."""
     if not tracking:
         return NULL_TRACKER
     from pipeline.mlflow_tracking import MlflowTracker, _client
@@ -73,7 +75,34 @@ def _stage_tracker(tracking: Optional[dict], name: str, config: PipelineConfig) 
                                   parent_run_id=tracking["parent_run_id"],
                                   tags={"wsss.stage": name})
     tracker.log_params(flatten(stage_config(config, name)))
+    try:
+        log_stage_inputs(tracker, config, name, upstream or {})
+        if computes:
+            tracker.start_system_metrics()
+    except Exception as err:  # lineage and system metrics are bookkeeping: never fail a stage
+        if logger:
+            logger.warning("%s: MLflow inputs / system metrics not recorded (%s: %s)",
+                           name, type(err).__name__, err)
     return tracker
+
+
+def log_stage_inputs(tracker: Tracker, config: PipelineConfig, name: str,
+                     upstream: dict[str, StageResult]) -> None:
+    """``tracker.log_input`` for every split stage ``name`` reads (name ``<dataset>:<split>``,
+    the data root, a digest of the split's id list, the image count) and, for stage 4, the
+    pseudo-mask set it trains on (digest: the refine_crf stage key)."""
+    from pipeline.data import build_dataset
+
+    root = str(resolve_workdir(config.data.root))
+    for split in dict.fromkeys(splits_read(config, name)):
+        ids = list(build_dataset(config.data, split).ids)
+        tracker.log_input(f"{config.data.dataset}:{split}", hash_text("\n".join(ids)), root, split,
+                          {"split": split, "images": len(ids), "root": root})
+    masks = upstream.get("refine_crf")
+    if name == "train_segmentor" and masks is not None:
+        tracker.log_input("pseudo_masks", masks.key, str(resolve_workdir(masks.path)), "train",
+                          {"stage": "refine_crf", "key": masks.key, "crf.preset": config.crf.preset,
+                           "crf.source": config.crf.source})
 
 
 def _progress_for(name: str, config: PipelineConfig, out_dir: Path, flow_run_key: str):
@@ -98,7 +127,7 @@ def _run_stage_task(name: str, config: PipelineConfig, upstream: dict[str, Stage
     logger.info("%s: key %s -> %s", name, key, resolve_workdir(out_dir))
     with stage_lock(config.workdir, name, key, say=logger.warning):
         will_reuse = is_complete(out_dir) and not force
-        inner = _stage_tracker(tracking, name, config)
+        inner = _stage_tracker(tracking, name, config, upstream, computes=not will_reuse, logger=logger)
         progress, steps, counter = (None, None, None) if will_reuse else \
             _progress_for(name, config, out_dir, progress_key)
         tracker = StageTracker(inner, name, logger, progress=progress, steps=steps)

@@ -19,6 +19,11 @@ costs ~20 ms against SQLite): the buffer is flushed when it holds ``flush_every`
 ``flush_seconds`` have passed since the last flush, and on :meth:`MlflowTracker.flush` /
 :meth:`MlflowTracker.close`.
 
+Previews go through ``log_image(key=<image id>, step=...)``, so MLflow's image grid lines runs
+up by image; stage runs sample system metrics (CPU, memory, disk, network; GPU when pynvml is
+installed) with MLflow's ``SystemMetricsMonitor`` while they run (needs psutil); ``log_input``
+records the data sets a run read (name, source, digest) as MLflow dataset inputs.
+
 Every run carries the host, pid and pid start time of the process that created it
 (``wsss.host``, ``wsss.pid``, ``wsss.pid_start``): a run left RUNNING by a killed process is
 found by the next flow run (:func:`reconcile_killed_runs`) and marked KILLED.
@@ -140,6 +145,7 @@ class MlflowTracker(Tracker):
         self._lock = threading.Lock()
         self._last_flush = time.monotonic()
         self._closed = False
+        self._monitor = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -216,6 +222,39 @@ class MlflowTracker(Tracker):
         for chunk in _chunks(items, MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, tags=chunk)
 
+    def log_image(self, path: Path, key: str, step: int = 0) -> None:
+        """The PNG at ``path`` as an MLflow image under ``key`` at ``step``."""
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        self.client.log_image(self.run_id, pixels, key=key.replace(":", "_"), step=int(step),
+                              synchronous=True)
+
+    def log_input(self, name: str, digest: str, source: str, context: str,
+                  profile: Mapping[str, Any] | None = None) -> None:
+        """One dataset input (``mlflow.data.context`` = ``context``) of this run."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest[:36], source_type="local",
+                          source=json.dumps({"uri": source}),
+                          profile=json.dumps(dict(profile or {}), default=str))
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
+    def start_system_metrics(self, sampling_interval: float = 10.0) -> bool:
+        """Sample CPU / memory / disk / network (and GPU with pynvml) into this run until it
+        closes (MLflow's ``system/...`` metrics). False, doing nothing, without psutil."""
+        try:
+            import psutil  # noqa: F401
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        except ImportError:
+            return False
+        uri = self.client._tracking_client.tracking_uri
+        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=sampling_interval, tracking_uri=uri)
+        self._monitor.start()
+        return True
+
     def log_model(self, checkpoint: Path, extra: Mapping[str, Any] | None = None) -> str:
         """``pipeline.model_registry.log_segmentor`` into this run."""
         from pipeline.model_registry import log_segmentor
@@ -251,6 +290,9 @@ class MlflowTracker(Tracker):
             return
         for child in self.children.values():
             child.close(status)
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
         self.flush()
         self.client.set_terminated(self.run_id, status=status)
         self._closed = True

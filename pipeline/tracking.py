@@ -40,6 +40,15 @@ class Tracker:
         ``models:/<name>/<version>``, None when nothing was registered (as here)."""
         return None
 
+    def log_image(self, path: Path, key: str, step: int = 0) -> None:
+        """An image (PNG) under ``key`` at ``step``: runs logging the same keys line up in
+        MLflow's image grid (previews use the image id as key)."""
+
+    def log_input(self, name: str, digest: str, source: str, context: str,
+                  profile: Mapping[str, Any] | None = None) -> None:
+        """A data set the run read (``context``: its role, e.g. ``train``), identified by
+        ``digest`` (e.g. a hash of its id list or the stage key that produced it)."""
+
     def close(self, status: str = "FINISHED") -> None:
         """End the run this tracker writes to (no-op here)."""
 
@@ -57,6 +66,8 @@ class MemoryTracker(Tracker):
         self.status: str | None = None
         self.models: list[tuple[Path, dict[str, Any]]] = []
         self.registered: list[tuple[str, str, dict[str, Any]]] = []
+        self.images: list[tuple[Path, str, int]] = []
+        self.inputs: list[dict[str, Any]] = []
 
     def log_params(self, params):
         self.params.update(params)
@@ -80,6 +91,13 @@ class MemoryTracker(Tracker):
     def register_model(self, model_uri, name, tags):
         self.registered.append((model_uri, name, dict(tags)))
         return f"models:/{name}/{len(self.registered)}"
+
+    def log_image(self, path, key, step=0):
+        self.images.append((Path(path), key, step))
+
+    def log_input(self, name, digest, source, context, profile=None):
+        self.inputs.append({"name": name, "digest": digest, "source": source, "context": context,
+                            "profile": dict(profile or {})})
 
     def close(self, status="FINISHED"):
         self.status = status

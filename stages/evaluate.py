@@ -361,6 +361,14 @@ def agreement_rows(class_names: Sequence[str], scores: Mapping[str, Mapping[str,
     return rows
 
 
+def log_previews(tracker: Tracker, model_dir: Path, step: int) -> None:
+    """Every preview grid of a segmentor as a tracked image keyed ``<kind>/<image id>`` at
+    ``step`` (its training iterations): MLflow's image grid then lines runs up by image."""
+    for kind in ("previews", "pipeline_previews"):
+        for path in sorted((Path(model_dir) / kind).glob("*.png")):
+            tracker.log_image(path, f"{kind}/{path.stem}", step)
+
+
 def write_pipeline_previews(model_path: Path, dataset, maps_dir: Path, masks_dir: Path,
                             cfg: EvaluationConfig, out_dir: Path, device: torch.device,
                             crf_params=None, model=None) -> list[str]:
@@ -514,6 +522,7 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
                                 model)
         del model
         child = tracker.child(name)
+        log_previews(child, out_dir / name, step=config.segmentor.iterations)
         if scores[name]["miou"] is not None:
             child.log_metrics({"miou": scores[name]["miou"], "pixel_accuracy": scores[name]["pixel_accuracy"],
                                **per_class_metrics(scores[name], "iou/")})

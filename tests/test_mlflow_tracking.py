@@ -120,3 +120,78 @@ def test_real_store_layout(tmp_path, monkeypatch):
 
 def test_git_commit(tmp_path):
     assert git_commit(tmp_path) == "unknown"
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """``mlflow server`` on a free loopback port with a SQLite store; stopped afterwards."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from flows.services import free_port, http_ok
+
+    home = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+         "--artifacts-destination", str(home / "artifacts")],
+        stdout=open(home / "server.log", "wb"), stderr=subprocess.STDOUT,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while not http_ok(f"{url}/health"):
+            assert proc.poll() is None and time.time() < deadline, (home / "server.log").read_text()[-2000:]
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_stage_runs_carry_images_with_steps_system_metrics_and_inputs(mlflow_server, tmp_path, monkeypatch):
+    """Against a real server: a stage run records the data set it read (digest of the id
+    list) and, for stage 4, the pseudo-mask set (digest = its stage key), samples system
+    metrics while open, and logs previews as images keyed by image id at a step."""
+    import time
+
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from flows.wsss import _stage_tracker
+    from pipeline.data import build_dataset, generate_synthetic
+    from pipeline.storage import StageResult, hash_text
+    from stages.evaluate import log_previews, save_rgb_png
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    config = load_config("demo", [f"workdir={tmp_path / 'work'}", f"data.root={tmp_path / 'data'}",
+                                  "data.synthetic.num_train=4", "data.synthetic.num_val=2",
+                                  "data.synthetic.image_size=32"])
+    generate_synthetic(config.data.root, config.data.synthetic)
+    parent = start_pipeline_run(config, mlflow_server, tmp_path / "artifacts", "flow-run-1")
+    tracking = {"uri": mlflow_server, "experiment_id": parent.experiment_id, "parent_run_id": parent.run_id}
+    masks = StageResult(stage="refine_crf", key="crfkey0123456789", path=str(tmp_path / "masks"))
+    stage = _stage_tracker(tracking, "train_segmentor", config, {"refine_crf": masks})
+    previews = tmp_path / "sanet" / "previews"
+    previews.mkdir(parents=True)
+    save_rgb_png(previews / "img_0.png", np.full((8, 24, 3), 200, np.uint8))
+    log_previews(stage.child("sanet"), tmp_path / "sanet", step=300)
+    time.sleep(2.0)
+    stage.close()
+    parent.close()
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(stage.run_id)
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    ids = build_dataset(config.data, "train").ids
+    assert inputs["synthetic:train"].dataset.digest == hash_text("\n".join(ids))
+    assert inputs["synthetic:train"].tags[0].value == "train"
+    assert inputs["pseudo_masks"].dataset.digest == masks.key
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), run.data.metrics
+    assert any(k.startswith("system/system_memory") for k in run.data.metrics)
+    sanet = client.get_run(stage.children["sanet"].run_id)
+    images = [a.path for a in client.list_artifacts(sanet.info.run_id, "images")]
+    assert any("previews" in p and "img_0" in p and "300" in p for p in images), images
