@@ -90,12 +90,18 @@ class DataConfig(StrictModel):
 class ClassifierConfig(StrictModel):
     """Stage 1: the MCIS co-attention classifier (defaults = the official recipe)."""
 
+    method: Literal["mcis", "cam"] = Field(
+        "mcis", description="mcis: the co-attention classifier on image pairs; cam: the single-image "
+        "CAM baseline (same backbone, extra convs and CAM head, L_basic only; PSA / IRN), whose "
+        "stage 2 writes plain CAMs")
     backbone: str = Field("vgg16", description="vgg16 | resnet50 | resnet101 | efficientnet_lite0 | tiny")
     backbone_options: dict[str, Any] = Field(
         default_factory=dict, description="extra build_backbone options, e.g. {width: 16} for tiny")
     pretrained: bool = True
     feature_channels: int = Field(512, ge=1, description="channels of the 3 extra convs (official 512)")
     freeze_bn: bool = Field(False, description="keep backbone BatchNorm statistics and affine fixed")
+    freeze_backbone: bool = Field(False, description="train only the extra convs and heads (deviation "
+                                  "for CPU budgets; official: the whole network at 1x lr)")
     scale_affinity: bool = Field(False, description="divide the affinity P by sqrt(C) (deviation; "
                                  "official: unscaled)")
     init: Literal["official", "kaiming_fan_in"] = Field(

@@ -1,6 +1,8 @@
 """Stage 2: localization maps averaged over related images (MCIS, Sun et al. ECCV 2020).
 
-For every image ``I`` of the split and each class ``c`` of its label, two maps at image size:
+With ``classifier.method=cam`` (the single-image CAM baseline) the stage writes that
+classifier's plain CAMs as the maps (no pairs; views as the protocol says). Otherwise,
+for every image ``I`` of the split and each class ``c`` of its label, two maps:
 the **MCIS map** (co-attention path) and the **plain CAM** ``relu(phi_0(F))_c`` of the same
 classifier (single-image path, the ablation), both in [0, 1]. ``k`` related images
 ``R_1..R_k`` containing ``c`` are drawn with replacement, seeded per image (other than I when
@@ -354,6 +356,7 @@ class Job:
     batch_size: int
     protocol: str = "official"
     num_related: int = 3
+    method: str = "mcis"
     cache_bytes: int = 4 << 30
     full_resolution: bool = False
     device: str = "cpu"
@@ -414,8 +417,11 @@ def map_pass(job: Job, items: list[str], classes: Mapping[str, list[int]],
     todo = [i for i in items if not map_path(out_dir, i).is_file()]
     partners_of, uses = feature_uses(todo, classes, related)
     cache = FeatureCache(uses, job.cache_bytes)
-    official = job.protocol == "official"
-    if official:
+    official, cam_only = job.protocol == "official", job.method == "cam"
+    if cam_only:
+        need, copy_views = (list(dict.fromkeys([BASE_VIEW] + list(job.views))) if not official
+                            else [BASE_VIEW]), []
+    elif official:
         need = [BASE_VIEW]
         copy_views = self_pair_views(job.image_size) if job.self_pairs else []
     else:
@@ -446,7 +452,10 @@ def map_pass(job: Job, items: list[str], classes: Mapping[str, list[int]],
                 own = {v: f[b:b + 1] for v, f in feats.items()}
                 partner_feats = {r: cache.get(r).float() for r in partners_of[name]}
                 size = tuple(own[BASE_VIEW].shape[-2:])        # stored at feature resolution
-                if official:
+                if cam_only:        # the CAM baseline: its plain CAMs are its maps
+                    cams = plain_cams(model, own, [BASE_VIEW] if official else job.views, cls, size)
+                    maps = cams
+                elif official:
                     cams = plain_cams(model, own, [BASE_VIEW], cls, size)
                     maps = official_maps(model, own[BASE_VIEW], [f[b:b + 1] for f in copy_feats], cls,
                                          related[name], partner_feats, job.num_related)
@@ -498,7 +507,8 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
     load_classifier(checkpoint, backbone=config.classifier.backbone,
                     num_classes=dataset.num_classes - 1)
 
-    plan = make_plan(dataset, cfg.num_related, config.seed, cfg.related_pool)
+    method = config.classifier.method
+    plan = make_plan(dataset, cfg.num_related if method == "mcis" else 0, config.seed, cfg.related_pool)
     if plan.unlabelled:
         log.warning("generate_cams: %d image(s) without a foreground label are left out of pairing "
                     "(they get an empty map file)", plan.unlabelled)
@@ -516,7 +526,7 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
     job = Job(checkpoint=str(checkpoint), data_cfg=config.data.model_dump(mode="json"), split=split,
               out_dir=str(out_dir), image_size=image_size,
               views=config_views(cfg.scales, cfg.flip), self_pairs=cfg.self_pairs,
-              batch_size=cfg.batch_size, protocol=cfg.protocol, num_related=cfg.num_related,
+              batch_size=cfg.batch_size, protocol=cfg.protocol, num_related=cfg.num_related, method=method,
               cache_bytes=cfg.cache_mb << 20, full_resolution=cfg.full_resolution, device=str(device),
               threads=max(1, runtime.cpu_threads(config.threads) // workers) if workers > 1 else 0)
 

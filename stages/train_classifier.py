@@ -19,6 +19,10 @@ pair of the batch has a label of m that n lacks (else 0), ``w_n`` likewise (offi
 per-side rule). A switched-off term is still computed (times 0) so every parameter gets a
 gradient, which DDP needs. Self-pairs are switchable (``self_pairs``).
 
+``method=cam`` trains the single-image CAM baseline instead (:class:`CamTrainer`: each image
+once per epoch, in the same shuffled order, ``L_basic`` only, the same recipe otherwise).
+``freeze_backbone`` (a deviation for CPU budgets) trains only the extra convs and heads.
+
 Files in ``out_dir``: ``checkpoints/epoch_NNN.pt`` (model weights + metadata after NNN
 epochs, 1-based: the official ``pascal_voc_epoch_10.pth``, 0-based, is our ``epoch_011.pt``),
 ``resume.pt`` (the latest epoch's full state: model, optimizer, scheduler, AMP scaler, RNG
@@ -41,6 +45,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
@@ -91,6 +96,11 @@ def model_meta(model: CoAttentionClassifier, class_names: list[str], image_size:
             "extra_convs": sum(isinstance(m, nn.Conv2d) for m in model.extra),
             "backbone_options": dict(backbone_options), "image_size": image_size,
             "scale_affinity": model.scale_affinity, "init": model.init}
+
+
+def method_meta(meta: Mapping[str, Any]) -> str:
+    """The training method of a checkpoint (``mcis`` for those written before it was stored)."""
+    return meta.get("method", "mcis")
 
 
 def build_from_meta(meta: Mapping[str, Any]) -> CoAttentionClassifier:
@@ -259,6 +269,35 @@ class PairTrainer(nn.Module):
         return terms
 
 
+class CamTrainer(nn.Module):
+    """The single-image CAM baseline (``classifier.method=cam``; the PSA / IRN classifier the
+    MCIS paper compares against): ``L_basic = MLSM(GAP(phi_0(F)), l)`` on each image alone,
+    the co-attention layers unused (frozen, out of the optimizer)."""
+
+    def __init__(self, model: CoAttentionClassifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, labels) -> dict[str, torch.Tensor]:
+        scores = self.model.cam(self.model.features(x)).mean((2, 3))
+        basic = F.multilabel_soft_margin_loss(scores.float(), labels.float())
+        return {"basic": basic, "loss": basic}
+
+
+class ImageDataset(Dataset):
+    """``(view, labels)`` of the images at ``indices`` (the CAM baseline's items)."""
+
+    def __init__(self, dataset, indices: list[int], view_transform):
+        self.dataset, self.indices, self.view_transform = dataset, indices, view_transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[self.indices[index]]
+        return _plain(self.view_transform(item["image"])), item["labels"]
+
+
 def build_optimizer(model: CoAttentionClassifier, cfg) -> torch.optim.Optimizer:
     """SGD (official: momentum, Nesterov) or AdamW over the model's lr groups
     (:meth:`~models.coattention.CoAttentionClassifier.param_groups`)."""
@@ -267,6 +306,14 @@ def build_optimizer(model: CoAttentionClassifier, cfg) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                            nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+
+
+def _freeze_backbone(model: CoAttentionClassifier) -> None:
+    """``classifier.freeze_backbone``: the pretrained backbone stays as loaded (weights out of
+    the optimizer, BatchNorm statistics fixed); the extra convs and heads train."""
+    model.backbone.eval()
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
 
 
 def _freeze_bn(model: CoAttentionClassifier) -> None:
@@ -279,6 +326,20 @@ def _freeze_bn(model: CoAttentionClassifier) -> None:
 
 def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.default_rng([seed, 7919, epoch]).integers(2**31 - 1))
+
+
+def _pair_terms(trainer, batch, device, contrastive_on: bool) -> dict[str, torch.Tensor]:
+    img_m, img_n, copies, l_m, l_n = batch
+    x_m, x_n = normalize(img_m).to(device), normalize(img_n).to(device)
+    copies = [normalize(c).to(device) for c in copies]
+    l_m, l_n = l_m.to(device), l_n.to(device)
+    on_m, on_n = contrastive_switches(l_m, l_n) if contrastive_on else (False, False)
+    return trainer(x_m, x_n, copies, l_m, l_n, float(on_m), float(on_n))
+
+
+def _cam_terms(trainer, batch, device) -> dict[str, torch.Tensor]:
+    images, labels = batch
+    return trainer(normalize(images).to(device), labels.to(device))
 
 
 # --------------------------------------------------------------------------- the stage
@@ -311,9 +372,14 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
                                   feature_channels=cfg.feature_channels,
                                   backbone_options=cfg.backbone_options,
                                   scale_affinity=cfg.scale_affinity, init=cfg.init)
-    meta = model_meta(model, dataset.class_names, cfg.image_size, cfg.backbone_options)
+    meta = {**model_meta(model, dataset.class_names, cfg.image_size, cfg.backbone_options), "method": cfg.method}
     if cfg.freeze_bn:
         _freeze_bn(model)
+    if cfg.freeze_backbone:
+        _freeze_backbone(model)
+    if cfg.method == "cam":
+        for layer in (model.w_p, model.class_conv, model.w_b):
+            layer.requires_grad_(False)
     model.to(device)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.lr_steps),
@@ -337,7 +403,8 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
         if main:
             log.info("train_classifier: resuming from %s after epoch %d", resume, start_epoch)
 
-    trainer = runtime.wrap_ddp(PairTrainer(model, cfg.self_pairs), device)
+    cam = cfg.method == "cam"
+    trainer = runtime.wrap_ddp(CamTrainer(model) if cam else PairTrainer(model, cfg.self_pairs), device)
     if main:
         tracker.log_params({"num_images": len(keep), "skipped_unlabelled": skipped,
                             "num_classes": labels.shape[1], "world_size": info.world_size})
@@ -350,23 +417,23 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
         epoch_seed = _epoch_seed(config.seed, epoch)
         torch.manual_seed(epoch_seed)
         pairs = shard_pairs(sampler.pairs(epoch), info.rank, info.world_size)
-        loader = DataLoader(PairDataset(train_set, pairs, view_transform, copy_views),
-                            batch_size=per_rank, shuffle=False,
+        items = (ImageDataset(train_set, [i for i, _ in pairs], view_transform) if cam
+                 else PairDataset(train_set, pairs, view_transform, copy_views))
+        loader = DataLoader(items, batch_size=per_rank, shuffle=False,
                             num_workers=cfg.num_workers, generator=runtime.seeded_generator(epoch_seed),
                             persistent_workers=False)
         contrastive_on = epoch >= cfg.contrastive_from_epoch
         trainer.train()
         if cfg.freeze_bn:
             _freeze_bn(model)
+        if cfg.freeze_backbone:
+            _freeze_backbone(model)
         sums: dict[str, float] = {}
         count = 0
-        for img_m, img_n, copies, l_m, l_n in loader:
-            x_m, x_n = normalize(img_m).to(device), normalize(img_n).to(device)
-            copies = [normalize(c).to(device) for c in copies]
-            l_m, l_n = l_m.to(device), l_n.to(device)
-            on_m, on_n = contrastive_switches(l_m, l_n) if contrastive_on else (False, False)
+        for batch in loader:
             with runtime.autocast(device, cfg.amp):
-                terms = trainer(x_m, x_n, copies, l_m, l_n, float(on_m), float(on_n))
+                terms = (_cam_terms(trainer, batch, device) if cam
+                         else _pair_terms(trainer, batch, device, contrastive_on))
             if not torch.isfinite(terms["loss"]):
                 raise FloatingPointError(f"train_classifier: loss became {terms['loss'].item()} at "
                                          f"epoch {epoch + 1} step {step}; lower classifier.lr")

@@ -363,3 +363,15 @@ def test_bad_checkpoint_inputs(trained, tmp_path):
     with pytest.raises(CheckpointError, match="no classifier checkpoint"):
         generate_cams.run(small_config(root), {"train_classifier": StageResult(
             "train_classifier", "k", str(tmp_path / "empty"))}, tmp_path, MemoryTracker())
+
+
+def test_cam_method_writes_plain_cams_as_maps(tmp_path):
+    root = tmp_path / "data"
+    config = small_config(root, "classifier.method=cam", "classifier.epochs=1")
+    stage1 = train_classifier.run(config, {}, tmp_path / "cls", MemoryTracker())
+    result = generate_cams.run(config, {"train_classifier": stage1}, tmp_path / "maps", MemoryTracker())
+    files = sorted((tmp_path / "maps").glob("*.npy"))
+    assert files and result.metrics["features_computed"] == len(files)     # no partners
+    for path in files:
+        record = load_maps(path)
+        assert np.array_equal(record.maps, record.cams)

@@ -268,3 +268,21 @@ def test_wsss_run_under_torchrun_two_cpu_processes(tmp_path):
     done = list((tmp_path / "work" / "train_classifier").glob("*/COMPLETE"))
     assert len(done) == 1
     assert sorted(list_checkpoints(done[0].parent)) == [1]
+
+
+def test_cam_baseline_trains_single_images_with_l_basic_only(data_root, tmp_path):
+    config = small_config(data_root, epochs=2, method="cam", freeze_backbone="true")
+    tracker = MemoryTracker()
+    train_classifier.run(config, {}, tmp_path, tracker)
+    assert len(tracker.history("step/loss")) == 2 * 4          # 16 images / 4 per step
+    assert tracker.history("step/loss") == tracker.history("step/basic")
+    trained = final_weights(tmp_path, 2)
+    # co-attention layers and the frozen backbone never move; the CAM head does
+    first = torch.load(checkpoint_path(tmp_path, 1), weights_only=False)["model"]
+    for key in ("w_p.weight", "class_conv.weight", "w_b.weight"):
+        assert torch.equal(first[key], trained[key]), key
+    assert all(torch.equal(first[k], trained[k]) for k in trained if k.startswith("backbone.")
+               and "num_batches" not in k)
+    assert not torch.equal(first["cam_head.weight"], trained["cam_head.weight"])
+    _, meta = load_classifier(checkpoint_path(tmp_path, 2))
+    assert meta["method"] == "cam"
