@@ -14,6 +14,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import re
 import shlex
 import signal
 import subprocess
@@ -86,7 +87,7 @@ def _summary(config, run_id):
 def first_run(live, tmp_path_factory):
     """``wsss demo`` (up: already running; prefect deploy --all; prefect deployment run
     wsss/demo --watch; summary) on the tiny config, uninterrupted."""
-    from flows.cli import FLOW_RUN_ID, failure_message
+    from flows.cli import failure_message
     from pipeline.cli import main
 
     home, state = live
@@ -98,7 +99,7 @@ def first_run(live, tmp_path_factory):
     with contextlib.redirect_stdout(out):
         code = main(["demo", "--home", str(home), *sets])
     text = out.getvalue()
-    match = FLOW_RUN_ID.search(text)
+    match = re.search(r"flow run \S+ created \(([0-9a-f-]{36})\)", text)
     assert match, text[-3000:]
     run_id = match.group(1)
     assert code == 0, failure_message(state, run_id)
@@ -229,4 +230,6 @@ def test_kill_in_stage_2_then_resume_equals_uninterrupted(live, first_run):
 
         assert np.array_equal(read_label_png(Path(ref["refine_crf"]["path"]) / name),
                               read_label_png(Path(new["refine_crf"]["path"]) / name)), name
-    assert new["evaluate"]["metrics"] == ref["evaluate"]["metrics"]
+    def scores(metrics):    # the registry version differs from run to run by design
+        return {k: v for k, v in metrics.items() if not k.endswith("_registered_model")}
+    assert scores(new["evaluate"]["metrics"]) == scores(ref["evaluate"]["metrics"])
