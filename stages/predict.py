@@ -255,7 +255,8 @@ class Progress:
     """``predict 12/40 [#####.....] 3.1 img/s`` on one line of a terminal, else a line about
     every 10 %."""
 
-    def __init__(self, total: int, stream=sys.stderr, width: int = 30):
+    def __init__(self, total: int, stream=None, width: int = 30):
+        stream = sys.stderr if stream is None else stream     # the current stderr, not import time's
         self.total, self.stream, self.width = total, stream, width
         self.start, self.last, self.first = time.time(), 0, None
         self.tty = hasattr(stream, "isatty") and stream.isatty()
