@@ -32,7 +32,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.feature_cache import FeatureCache  # noqa: E402
 from pipeline.maps_io import save_maps  # noqa: E402
 from pipeline.tracking import MemoryTracker  # noqa: E402
 from stages import generate_cams, train_classifier  # noqa: E402
@@ -70,19 +69,8 @@ def label_sets(n: int, seed: int = 0) -> tuple[np.ndarray, str]:
 
 def simulated_peak(labels: np.ndarray, pool: int, batch: int = 8) -> tuple[int, int]:
     """Peak features held and features computed for the whole split in one process."""
-    plan = generate_cams.make_plan(LabelsOnly(labels), 3, 0, pool)
-    todo = plan.ids
-    partners_of, uses = generate_cams.feature_uses(todo, plan.classes, plan.related)
-    cache = FeatureCache(uses, capacity_bytes=1 << 62)
-    one = torch.empty(1, dtype=torch.uint8)
-    for start in range(0, len(todo), batch):
-        chunk = todo[start:start + batch]
-        for key in dict.fromkeys([n for n in chunk if plan.classes.get(n)]
-                                 + [r for n in chunk for r in partners_of[n]]):
-            if key not in cache:
-                cache.put(key, one, start)
-        cache.release(start + len(chunk) - 1)
-    return cache.peak_bytes, cache.computed
+    return generate_cams.simulated_cache_peak(
+        generate_cams.make_plan(LabelsOnly(labels), 3, 0, pool), batch)
 
 
 def map_file_bytes(labels: np.ndarray, tmp: Path, size=(32, 32)) -> float:

@@ -407,6 +407,23 @@ def feature_uses(todo: Sequence[str], classes: Mapping[str, list[int]],
     return partners_of, uses
 
 
+def simulated_cache_peak(plan: Plan, batch_size: int) -> tuple[int, int]:
+    """(peak number of features held, features computed) when the whole plan runs in one
+    process in batches of ``batch_size``, with an unbounded cache: what :func:`map_pass`
+    would hold, from the labels alone (``wsss plan``, ``benchmarks/maps_budget.py``)."""
+    partners_of, uses = feature_uses(plan.ids, plan.classes, plan.related)
+    cache = FeatureCache(uses, capacity_bytes=1 << 62)
+    token = torch.empty(1, dtype=torch.uint8)     # one byte per entry: counts, not features
+    for start in range(0, len(plan.ids), batch_size):
+        chunk = plan.ids[start:start + batch_size]
+        for key in dict.fromkeys([n for n in chunk if plan.classes.get(n)]
+                                 + [r for n in chunk for r in partners_of[n]]):
+            if key not in cache:
+                cache.put(key, token, start)
+        cache.release(start + len(chunk) - 1)
+    return cache.peak_bytes, cache.computed
+
+
 def map_pass(job: Job, items: list[str], classes: Mapping[str, list[int]],
              related: Mapping[str, Mapping[int, list[str]]]) -> dict[str, int]:
     """The map file of each of ``items`` (in this order; finished ones skipped). Base-view

@@ -146,7 +146,6 @@ def sample_classifier(config: PipelineConfig, dataset, num_images: int, num_clas
 
 def sample_maps(config: PipelineConfig, dataset, device: torch.device, samples: int,
                 count_flops: bool = False) -> Estimate:
-    from pipeline.feature_cache import FeatureCache
     from pipeline.maps_io import save_maps
     from stages import generate_cams as g
     from stages.train_classifier import CoAttentionClassifier, self_pair_views
@@ -172,17 +171,8 @@ def sample_maps(config: PipelineConfig, dataset, device: torch.device, samples: 
     per_step, gpu, flops = _timed(step, device, samples, count_flops)
     feature_bytes = model.features(x).numel() * 2
     plan = g.make_plan(dataset, cfg.num_related, config.seed, cfg.related_pool)
-    partners_of, uses = g.feature_uses(plan.ids, plan.classes, plan.related)
-    cache = FeatureCache(uses, capacity_bytes=1 << 62)
-    one = torch.empty(1, dtype=torch.uint8)
-    for start in range(0, len(plan.ids), cfg.batch_size):
-        chunk = plan.ids[start:start + cfg.batch_size]
-        for key in dict.fromkeys([n for n in chunk if plan.classes.get(n)]
-                                 + [r for n in chunk for r in partners_of[n]]):
-            if key not in cache:
-                cache.put(key, one, start)
-        cache.release(start + len(chunk) - 1)
-    cache_mb = cache.peak_bytes * feature_bytes / MB
+    peak, _ = g.simulated_cache_peak(plan, cfg.batch_size)
+    cache_mb = peak * feature_bytes / MB
     h = (side + 7) // 8
     with tempfile.TemporaryDirectory() as tmp:
         save_maps(Path(tmp) / "m.npy", np.arange(1, n_cls + 1), np.zeros((n_cls, h, h)), size=(375, 500))
