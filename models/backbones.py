@@ -30,7 +30,9 @@ Choices:
   ``backbone.`` prefixes stripped) load onto it; ``layer1..layer4`` are named as in both.
 * **EfficientNet-Lite0** (lukemelas naming, from ``efficientnet-lite-pytorch``): the
   stride-2 depthwise convs of the 1/16 and 1/32 stages get stride 1 and the following
-  blocks dilation 2 and 4 (same rule as the ResNets). The network was trained with TF-Lite
+  blocks dilation 2 and 4 (same rule as the ResNets). ``output_stride=16`` (a CPU-budget
+  option: a quarter of the positions) keeps the 1/16 stride and dilates the 1/32 stage by 2
+  only (stages 24@4, 40@8, 112@16, 320@16). The network was trained with TF-Lite
   preprocessing ``(x - 127) / 128`` on 0..255 pixels, so the forward first converts the
   ImageNet-normalised input: ``x_tf = (255 (x std + mean) - 127) / 128``. The 1x1 head conv
   (1280 channels) and the classifier are dropped.
@@ -222,13 +224,17 @@ class ResNet(Backbone):
 
 # --------------------------------------------------------------------------- EfficientNet-Lite0
 class EfficientNetLite0(Backbone):
-    """EfficientNet-Lite0 (``efficientnet-lite-pytorch``) at output stride 8, see module doc."""
+    """EfficientNet-Lite0 (``efficientnet-lite-pytorch``) at output stride 8 (or 16 with
+    ``output_stride=16``: only the 1/32 stage is dilated), see module doc."""
 
     channels = (24, 40, 112, 320)
-    strides = (4, 8, 8, 8)
 
-    def __init__(self):
+    def __init__(self, output_stride: int = 8):
         super().__init__()
+        if output_stride not in (8, 16):
+            raise BackboneError(f"efficientnet_lite0: output_stride must be 8 or 16, got {output_stride!r}")
+        self.output_stride = output_stride
+        self.strides = (4, 8, 8, 8) if output_stride == 8 else (4, 8, 16, 16)
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
@@ -242,13 +248,14 @@ class EfficientNetLite0(Backbone):
         # | 11-14 (192, was 1/32) 15 (320)
         self._bounds = [(0, 3), (3, 5), (5, 11), (11, 16)]
         dilation = 1
+        dilated = (5, 11) if output_stride == 8 else (11,)
         for index, block in enumerate(net._blocks):
             conv = block._depthwise_conv
-            if index in (5, 11):                 # the stride-2 blocks past 1/8
+            if index in dilated:                 # the stride-2 blocks past the output stride
                 conv.stride = (1, 1)
                 conv.dilation = (dilation, dilation)
                 dilation *= 2
-            elif index > 5:
+            elif index > dilated[0]:
                 conv.dilation = (dilation, dilation)
         del net._conv_head, net._bn1, net._fc, net._avg_pooling, net._dropout
         del self.stages
@@ -329,13 +336,14 @@ class TinyBackbone(Backbone):
 # --------------------------------------------------------------------------- builder
 BACKBONES = ("vgg16", "resnet50", "resnet101", "efficientnet_lite0", "tiny")
 _OPTIONS = {"vgg16": set(), "resnet50": {"deep_stem"}, "resnet101": {"deep_stem"},
-            "efficientnet_lite0": set(), "tiny": {"width", "dilations"}}
+            "efficientnet_lite0": {"output_stride"}, "tiny": {"width", "dilations"}}
 
 
 def build_backbone(name: str, pretrained: bool = False, **options) -> Backbone:
     """Build a backbone by name (see the module docstring).
 
-    Options: ``deep_stem`` (ResNets), ``width`` and ``dilations`` (tiny), ``weights_path`` (any: a local
+    Options: ``deep_stem`` (ResNets), ``width`` and ``dilations`` (tiny), ``output_stride``
+    (efficientnet_lite0: 8 or 16), ``weights_path`` (any: a local
     checkpoint to load instead of the ImageNet weights; implies loading).
     """
     if name not in BACKBONES:
@@ -355,7 +363,7 @@ def build_backbone(name: str, pretrained: bool = False, **options) -> Backbone:
     elif name in ("resnet50", "resnet101"):
         model = ResNet(50 if name == "resnet50" else 101, deep_stem=bool(options.get("deep_stem", False)))
     else:
-        model = EfficientNetLite0()
+        model = EfficientNetLite0(int(options.get("output_stride", 8)))
 
     if weights_path is not None:
         state = _read_weights(Path(weights_path), name)

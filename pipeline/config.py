@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PRESETS = ("voc", "coco", "demo")
+PRESETS = ("voc", "coco", "demo", "voc-mini")
 
 
 class ConfigError(ValueError):
@@ -102,6 +102,11 @@ class ClassifierConfig(StrictModel):
     freeze_bn: bool = Field(False, description="keep backbone BatchNorm statistics and affine fixed")
     freeze_backbone: bool = Field(False, description="train only the extra convs and heads (deviation "
                                   "for CPU budgets; official: the whole network at 1x lr)")
+    cache_features: bool = Field(False, description="with freeze_backbone and no colour jitter / flip: "
+                                 "compute the frozen backbone's features of every training view once "
+                                 "and train the heads on them (same losses, a fraction of the time)")
+    feature_cache_mb: int = Field(4096, ge=1, description="cache_features: CPU memory the float32 "
+                                  "features may take (checked before any compute)")
     scale_affinity: bool = Field(False, description="divide the affinity P by sqrt(C) (deviation; "
                                  "official: unscaled)")
     init: Literal["official", "kaiming_fan_in"] = Field(
@@ -137,6 +142,17 @@ class ClassifierConfig(StrictModel):
                       "official: float32; the affinity P stays float32 either way)")
     num_workers: int = Field(2, ge=0)
     log_every: int = Field(10, ge=1, description="log step metrics every N steps")
+
+    @model_validator(mode="after")
+    def _cacheable(self):
+        if self.cache_features:
+            if not self.freeze_backbone:
+                raise ValueError("cache_features needs freeze_backbone=true (a trained backbone changes "
+                                 "its features every step)")
+            if any(self.colour_jitter) or self.flip:
+                raise ValueError("cache_features needs colour_jitter=[0, 0, 0, 0] and flip=false (random "
+                                 "views differ every epoch)")
+        return self
 
 
 # --------------------------------------------------------------------------- stage 2
@@ -439,7 +455,40 @@ def _preset_dict(name: str) -> dict[str, Any]:
                                                                  "backbone_options": {"width": 32}}}},
             "evaluation": {"crop_size": 96, "stride": 64, "previews": 4},
         }
+    if name == "voc-mini":
+        return _voc_mini_preset()
     raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+
+
+VOC_MINI_ROOT = "../shared/data/voc-mini/VOCdevkit/VOC2012"
+
+
+def _voc_mini_preset() -> dict[str, Any]:
+    """voc-mini: 330 + 200 real VOC 2012 photos (``wsss data prepare voc-mini`` builds them from
+    a VOC download), sized for 2 CPU cores in about 30 minutes (docs/benchmarks.md). The
+    ImageNet EfficientNet-Lite0 (offline, in a wheel) at output stride 16 is the frozen
+    classifier backbone, its features cached once (classifier.cache_features); the segmentors
+    fine-tune it. Everything else is the official / voc recipe unless said here."""
+    lite = {"backbone_options": {"output_stride": 16}}
+    return {
+        "name": "voc-mini",
+        "workdir": "work/voc-mini",
+        "data": {"dataset": "voc", "root": VOC_MINI_ROOT, "train_split": "train", "val_split": "val"},
+        "classifier": {"backbone": "efficientnet_lite0", "backbone_options": {"output_stride": 16},
+                       "pretrained": True, "freeze_backbone": True, "cache_features": True,
+                       "colour_jitter": [0, 0, 0, 0], "flip": False, "feature_channels": 128,
+                       "image_size": 224, "epochs": 6, "lr_steps": [4], "num_workers": 0},
+        "maps": {"checkpoint_epoch": None, "batch_size": 8, "workers": 1},
+        "crf": {"preset": "psa", "workers": 2},
+        # LargeFOV at output stride 16: dilation 6 sees what 12 sees at stride 8
+        "segmentor": {"models": ["sanet", "deeplab_largefov"], "backbone": "efficientnet_lite0",
+                      "pretrained": True, "iterations": 200, "batch_size": 8, "crop_size": 224,
+                      "scale_range": [0.5, 1.5], "lr": 0.01, "head_lr_mult": 10.0, "warmup_iters": 20,
+                      "checkpoint_every": 100, "amp": False, "num_workers": 1,
+                      "model_options": {"sanet": dict(lite),
+                                        "deeplab_largefov": {**lite, "channels": 512, "dilation": 6}}},
+        "evaluation": {"crop_size": 224, "stride": 160, "previews": 4},
+    }
 
 
 def preset(name: str) -> PipelineConfig:

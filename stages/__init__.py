@@ -62,7 +62,7 @@ def check_stage_names(names: Iterable[str]) -> list[str]:
 # fields that say how a stage runs, not what it produces: left out of the provenance key so
 # that e.g. a killed CRF stage can be resumed with another worker count
 EXECUTION_FIELDS: dict[str, tuple[str, ...]] = {
-    "classifier": ("num_workers", "log_every"),
+    "classifier": ("num_workers", "log_every", "feature_cache_mb"),
     "maps": ("workers",),
     "crf": ("workers", "chunk_size", "dask_address"),
     "segmentor": ("num_workers", "log_every", "parallel"),

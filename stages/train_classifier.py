@@ -21,7 +21,9 @@ gradient, which DDP needs. Self-pairs are switchable (``self_pairs``).
 
 ``method=cam`` trains the single-image CAM baseline instead (:class:`CamTrainer`: each image
 once per epoch, in the same shuffled order, ``L_basic`` only, the same recipe otherwise).
-``freeze_backbone`` (a deviation for CPU budgets) trains only the extra convs and heads.
+``freeze_backbone`` (a deviation for CPU budgets) trains only the extra convs and heads;
+with it, ``cache_features`` computes the frozen backbone's features of every (deterministic)
+view once and trains on them (:mod:`stages.classifier_features`).
 
 Files in ``out_dir``: ``checkpoints/epoch_NNN.pt`` (model weights + metadata after NNN
 epochs, 1-based: the official ``pascal_voc_epoch_10.pth``, 0-based, is our ``epoch_011.pt``),
@@ -52,6 +54,8 @@ from torchvision.transforms import v2
 
 from models.coattention import (CoAttentionClassifier, contrastive_switches, mcis_losses,
                                 self_pair_losses)
+from stages.classifier_features import (CachedImageDataset, CachedPairDataset, check_budget,
+                                        compute_features)
 from pipeline import runtime
 from pipeline.config import PipelineConfig
 from pipeline.data import build_dataset
@@ -237,11 +241,14 @@ class _Subset(Dataset):
 
 # --------------------------------------------------------------------------- one step
 class PairTrainer(nn.Module):
-    """Computes every loss term of a step in one ``forward`` (so DDP sees one call)."""
+    """Computes every loss term of a step in one ``forward`` (so DDP sees one call).
+    ``cached=True``: the inputs are the frozen backbone's features of the views
+    (:mod:`stages.classifier_features`), and only ``extra`` runs on them."""
 
-    def __init__(self, model: CoAttentionClassifier, self_pairs: bool):
+    def __init__(self, model: CoAttentionClassifier, self_pairs: bool, cached: bool = False):
         super().__init__()
         self.model, self.self_pairs = model, self_pairs
+        self.embed = model.extra if cached else model.features
 
     def forward(self, x_m, x_n, copies, l_m, l_n, w_con_m: float, w_con_n: float) -> dict[str, torch.Tensor]:
         """``copies``: the self-pair copies of x_m (batched), ignored without self-pairs.
@@ -250,10 +257,10 @@ class PairTrainer(nn.Module):
         copies = list(copies) if self.self_pairs else []
         same = [c for c in copies if c.shape[-2:] == x_m.shape[-2:]]
         views = [x_m, x_n] + same
-        feats = list(model.features(torch.cat(views)).chunk(len(views)))
+        feats = list(self.embed(torch.cat(views)).chunk(len(views)))
         f_m, f_n = feats[0], feats[1]
         same_feats = iter(feats[2:])
-        copy_feats = [next(same_feats) if c.shape[-2:] == x_m.shape[-2:] else model.features(c)
+        copy_feats = [next(same_feats) if c.shape[-2:] == x_m.shape[-2:] else self.embed(c)
                       for c in copies]
         out = model.pair(f_m, f_n, contrastive=True)
         s_m = model.cam(f_m).mean((2, 3))
@@ -274,12 +281,13 @@ class CamTrainer(nn.Module):
     MCIS paper compares against): ``L_basic = MLSM(GAP(phi_0(F)), l)`` on each image alone,
     the co-attention layers unused (frozen, out of the optimizer)."""
 
-    def __init__(self, model: CoAttentionClassifier):
+    def __init__(self, model: CoAttentionClassifier, cached: bool = False):
         super().__init__()
         self.model = model
+        self.embed = model.extra if cached else model.features
 
     def forward(self, x, labels) -> dict[str, torch.Tensor]:
-        scores = self.model.cam(self.model.features(x)).mean((2, 3))
+        scores = self.model.cam(self.embed(x)).mean((2, 3))
         basic = F.multilabel_soft_margin_loss(scores.float(), labels.float())
         return {"basic": basic, "loss": basic}
 
@@ -328,18 +336,33 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.default_rng([seed, 7919, epoch]).integers(2**31 - 1))
 
 
-def _pair_terms(trainer, batch, device, contrastive_on: bool) -> dict[str, torch.Tensor]:
+def _pair_terms(trainer, batch, device, contrastive_on: bool, cached: bool = False) -> dict[str, torch.Tensor]:
     img_m, img_n, copies, l_m, l_n = batch
-    x_m, x_n = normalize(img_m).to(device), normalize(img_n).to(device)
-    copies = [normalize(c).to(device) for c in copies]
+    prep = (lambda t: t.to(device)) if cached else (lambda t: normalize(t).to(device))
+    x_m, x_n = prep(img_m), prep(img_n)
+    copies = [prep(c) for c in copies]
     l_m, l_n = l_m.to(device), l_n.to(device)
     on_m, on_n = contrastive_switches(l_m, l_n) if contrastive_on else (False, False)
     return trainer(x_m, x_n, copies, l_m, l_n, float(on_m), float(on_n))
 
 
-def _cam_terms(trainer, batch, device) -> dict[str, torch.Tensor]:
+def _cam_terms(trainer, batch, device, cached: bool = False) -> dict[str, torch.Tensor]:
     images, labels = batch
-    return trainer(normalize(images).to(device), labels.to(device))
+    return trainer((images if cached else normalize(images)).to(device), labels.to(device))
+
+
+def _cached_features(model, train_set, cfg, copy_views, device, main: bool):
+    """``classifier.cache_features``: the frozen backbone's features of every view, computed
+    once (:mod:`stages.classifier_features`; the budget is checked first)."""
+    views = [(cfg.image_size, False)] + list(copy_views)
+    check_budget(len(train_set), model.backbone, [side for side, _ in views], cfg.feature_cache_mb)
+    t0 = time.time()
+    _freeze_backbone(model)
+    features = compute_features(model.backbone, train_set, views, device)
+    if main:
+        log.info("train_classifier: cached the frozen backbone's features of %d images x %d views "
+                 "(%.1f s)", len(train_set), len(views), time.time() - t0)
+    return features
 
 
 # --------------------------------------------------------------------------- the stage
@@ -404,23 +427,33 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
             log.info("train_classifier: resuming from %s after epoch %d", resume, start_epoch)
 
     cam = cfg.method == "cam"
-    trainer = runtime.wrap_ddp(CamTrainer(model) if cam else PairTrainer(model, cfg.self_pairs), device)
+    cached = cfg.cache_features
+    copy_views = self_pair_views(cfg.image_size) if cfg.self_pairs and not cam else []
+    features = None
+    if cached:
+        features = _cached_features(model, train_set, cfg, copy_views, device, main)
+        label_rows = torch.from_numpy(np.ascontiguousarray(labels))
+    trainer = runtime.wrap_ddp(CamTrainer(model, cached) if cam else
+                               PairTrainer(model, cfg.self_pairs, cached), device)
     if main:
         tracker.log_params({"num_images": len(keep), "skipped_unlabelled": skipped,
                             "num_classes": labels.shape[1], "world_size": info.world_size})
     per_rank = cfg.batch_size // info.world_size
     view_transform = training_transform(cfg)
-    copy_views = self_pair_views(cfg.image_size) if cfg.self_pairs else []
     step = start_epoch * -(-len(shard_pairs(sampler.pairs(0), 0, info.world_size)) // per_rank)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         epoch_seed = _epoch_seed(config.seed, epoch)
         torch.manual_seed(epoch_seed)
         pairs = shard_pairs(sampler.pairs(epoch), info.rank, info.world_size)
-        items = (ImageDataset(train_set, [i for i, _ in pairs], view_transform) if cam
-                 else PairDataset(train_set, pairs, view_transform, copy_views))
+        if cached:
+            items = (CachedImageDataset(features, label_rows, [i for i, _ in pairs]) if cam
+                     else CachedPairDataset(features, label_rows, pairs, bool(copy_views)))
+        else:
+            items = (ImageDataset(train_set, [i for i, _ in pairs], view_transform) if cam
+                     else PairDataset(train_set, pairs, view_transform, copy_views))
         loader = DataLoader(items, batch_size=per_rank, shuffle=False,
-                            num_workers=cfg.num_workers, generator=runtime.seeded_generator(epoch_seed),
+                            num_workers=0 if cached else cfg.num_workers, generator=runtime.seeded_generator(epoch_seed),
                             persistent_workers=False)
         contrastive_on = epoch >= cfg.contrastive_from_epoch
         trainer.train()
@@ -432,8 +465,8 @@ def run(config: PipelineConfig, upstream: Mapping[str, StageResult], out_dir: Pa
         count = 0
         for batch in loader:
             with runtime.autocast(device, cfg.amp):
-                terms = (_cam_terms(trainer, batch, device) if cam
-                         else _pair_terms(trainer, batch, device, contrastive_on))
+                terms = (_cam_terms(trainer, batch, device, cached) if cam
+                         else _pair_terms(trainer, batch, device, contrastive_on, cached))
             if not torch.isfinite(terms["loss"]):
                 raise FloatingPointError(f"train_classifier: loss became {terms['loss'].item()} at "
                                          f"epoch {epoch + 1} step {step}; lower classifier.lr")

@@ -286,3 +286,41 @@ def test_cam_baseline_trains_single_images_with_l_basic_only(data_root, tmp_path
     assert not torch.equal(first["cam_head.weight"], trained["cam_head.weight"])
     _, meta = load_classifier(checkpoint_path(tmp_path, 2))
     assert meta["method"] == "cam"
+
+
+@pytest.mark.parametrize("method", ["mcis", "cam"])
+def test_cached_backbone_features_train_the_same_weights(data_root, tmp_path, method):
+    """classifier.cache_features: the frozen backbone's features computed once give the same
+    losses and weights as running the frozen backbone in every step (self-pair copies too)."""
+    common = dict(epochs=2, method=method, freeze_backbone="true", flip="false", self_pairs="true",
+                  contrastive_from_epoch=0)
+    plain_tracker, cached_tracker = MemoryTracker(), MemoryTracker()
+    train_classifier.run(small_config(data_root, **common), {}, tmp_path / "plain", plain_tracker)
+    train_classifier.run(small_config(data_root, cache_features="true", **common), {},
+                         tmp_path / "cached", cached_tracker)
+    plain, cached = final_weights(tmp_path / "plain", 2), final_weights(tmp_path / "cached", 2)
+    assert plain.keys() == cached.keys()
+    for key in plain:
+        assert torch.allclose(plain[key].float(), cached[key].float(), atol=1e-4), key
+    assert not torch.equal(plain["cam_head.weight"],
+                           torch.load(checkpoint_path(tmp_path / "plain", 1), weights_only=False)["model"]
+                           ["cam_head.weight"])
+    np.testing.assert_allclose(cached_tracker.history("step/loss"), plain_tracker.history("step/loss"),
+                               rtol=1e-4)
+    if method == "mcis":     # the copies' terms are there
+        assert cached_tracker.history("step/self_co_att")[0] > 0
+
+
+def test_cached_features_are_refused_when_views_are_random_or_over_budget(data_root, tmp_path):
+    from pipeline.config import ConfigError
+    from stages.classifier_features import FeatureCacheError
+
+    with pytest.raises(ConfigError, match="freeze_backbone"):
+        small_config(data_root, cache_features="true", flip="false")
+    with pytest.raises(ConfigError, match="flip=false"):
+        small_config(data_root, cache_features="true", freeze_backbone="true", flip="true")
+    config = small_config(data_root, cache_features="true", freeze_backbone="true", flip="false",
+                          feature_cache_mb=1, image_size=256)
+    with pytest.raises(FeatureCacheError, match="feature_cache_mb=1"):
+        train_classifier.run(config, {}, tmp_path, MemoryTracker())
+    assert not (tmp_path / "checkpoints").exists()
