@@ -16,7 +16,7 @@ from pipeline.errors import DiskFullError, InputError
 
 # modules contributing sub-commands; a missing optional one is skipped
 COMMAND_MODULES = ("pipeline.data.commands", "pipeline.cli_run", "pipeline.cli_plan", "pipeline.cli_predict",
-                   "flows.cli")
+                   "pipeline.cli_export", "flows.cli")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
