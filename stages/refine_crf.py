@@ -83,7 +83,8 @@ from pipeline.errors import InputError
 from pipeline.maps_io import load_maps, map_header, map_path
 from pipeline.oaa_rules import oaa_pseudo_mask
 from pipeline.processes import die_with_parent
-from pipeline.storage import StageResult, atomic_write_text, atomic_write_json, clean_temp_files
+from pipeline.storage import (StageResult, atomic_write_text, atomic_write_json, clean_temp_files,
+                              code_version)
 from pipeline.tracking import NULL_TRACKER, Tracker
 
 NAME = "refine_crf"
@@ -96,6 +97,10 @@ log = logging.getLogger(__name__)
 
 class CRFInputError(InputError):
     """Bad stage-3 input; the message names the file(s) and what is wrong."""
+
+
+class DaskWorkerError(RuntimeError):
+    """A Dask worker that cannot run stage 3 as this process would (see :func:`check_workers`)."""
 
 
 # CRFParams, PRESETS and resolve_params live in pipeline.crf_params (config validation uses them)
@@ -343,6 +348,62 @@ def _chunks(items: Sequence[WorkItem], size: int) -> list[list[WorkItem]]:
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
 
 
+# --------------------------------------------------------------------------- Dask workers
+def code_fingerprint() -> str:
+    """Hash of this module's source and every project module it imports (the code part of the
+    stage key): equal on two machines when they run the same stage-3 code (library versions,
+    pydensecrf's included, are not covered)."""
+    return code_version([__name__])
+
+
+def worker_report(paths: Sequence[str]) -> dict[str, Any]:
+    """Run *on* a Dask worker (``client.run``): which ``stages.refine_crf`` it imports, its
+    :func:`code_fingerprint`, and which of ``paths`` it cannot see (directories must also be
+    writable). Chunks are shipped by reference (module + function name), so a worker runs
+    its own installed copy of the project and reads and writes the paths named here."""
+    missing = [p for p in paths if not os.path.exists(p)
+               or (os.path.isdir(p) and not os.access(p, os.W_OK | os.X_OK))]
+    return {"module": __file__, "code": code_fingerprint(), "missing": missing}
+
+
+def check_worker_reports(reports: Mapping[str, Any]) -> None:
+    """Raise :class:`DaskWorkerError` naming the first worker whose report (or exception)
+    shows it cannot run the chunks like this process."""
+    if not reports:
+        raise DaskWorkerError("the Dask cluster has no workers")
+    here = code_fingerprint()
+    for worker, report in sorted(reports.items()):
+        if isinstance(report, BaseException):  # client.run wraps a worker's error in Exception
+            detail = str(report) if type(report) is Exception else f"{type(report).__name__}: {report}"
+            raise DaskWorkerError(
+                f"Dask worker {worker} cannot run stage 3 ({detail}): "
+                "install this project (`pip install -e .` of the same checkout) in the workers' "
+                "environment") from None
+        if report["code"] != here:
+            raise DaskWorkerError(
+                f"Dask worker {worker} runs other code for stage 3 ({report['module']}, fingerprint "
+                f"{report['code'][:12]} vs {here[:12]} here): install the same version of the "
+                "project on the workers")
+        if report["missing"]:
+            raise DaskWorkerError(
+                f"Dask worker {worker} cannot see {', '.join(report['missing'])} (or cannot write "
+                "there): the workers read the images and maps and write the pseudo-masks at the "
+                "paths this process uses, so they need a shared file system mounted at the same path")
+
+
+def check_workers(client: Any, item: WorkItem) -> None:
+    """Before any chunk is submitted: every current worker of ``client`` imports the same
+    stage-3 code as this process and sees ``item``'s input files and output directory."""
+    paths = [item.image, item.maps, str(Path(item.output).parent)] + ([item.saliency] if item.saliency else [])
+    try:
+        reports = client.run(worker_report, paths, on_error="return")
+    except Exception as err:  # e.g. a worker could not unpickle the function at all
+        raise DaskWorkerError(f"the Dask workers cannot run stage 3 ({type(err).__name__}: {err}): "
+                              "install this project (`pip install -e .` of the same checkout) in the "
+                              "workers' environment") from None
+    check_worker_reports(reports)
+
+
 def refine_images(items: Sequence[WorkItem], params: CRFParams, workers: int = 1,
                   chunk_size: int = 16, client: Any = None,
                   progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
@@ -350,7 +411,8 @@ def refine_images(items: Sequence[WorkItem], params: CRFParams, workers: int = 1
     (``workers > 1``; fork where available, else spawn; the workers die with this process,
     see :mod:`pipeline.processes`) or on a Dask ``client`` (``dask.distributed.Client``).
     Every image is independent and pydensecrf is deterministic, so the files are identical
-    whichever way runs them. Returns the per-image stats in ``items`` order; the first failing
+    whichever way runs them. On Dask, :func:`check_workers` first makes sure each worker runs
+    the same code and sees the files. Returns the per-image stats in ``items`` order; the first failing
     image raises (files already written stay, each written atomically)."""
     chunks = _chunks(list(items), chunk_size)
     results: dict[int, list[dict[str, Any]]] = {}
@@ -363,8 +425,9 @@ def refine_images(items: Sequence[WorkItem], params: CRFParams, workers: int = 1
         if progress:
             progress(done, len(items))
 
-    if client is not None:
+    if client is not None and chunks:
         from dask.distributed import as_completed
+        check_workers(client, chunks[0][0])
         futures = client.map(refine_chunk, chunks, params=params, pure=False)
         index = {f.key: i for i, f in enumerate(futures)}
         try:
