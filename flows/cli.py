@@ -351,7 +351,7 @@ def add_commands(sub) -> None:
     _service_arguments(status)
     status.set_defaults(func=_cmd_status)
 
-    dep = sub.add_parser("deploy", help="prefect deploy --all (deployments voc, coco, demo)")
+    dep = sub.add_parser("deploy", help="prefect deploy --all (deployments voc, coco, demo, voc-mini)")
     _service_arguments(dep)
     dep.set_defaults(func=_cmd_deploy)
 

@@ -29,6 +29,8 @@ DESCRIPTIONS = {
     "voc": "PASCAL VOC 2012 + SBD (train_aug), paper settings. Set config.data.root to your VOC2012 directory.",
     "coco": "MS COCO 2014 (80 classes), paper settings. Set config.data.root to your COCO root.",
     "demo": "The embedded synthetic dataset, sized for 2 CPU cores (a few minutes).",
+    "voc-mini": "530 real VOC 2012 photos (wsss data prepare voc-mini), pretrained EfficientNet-Lite0, "
+                "sized for 2 CPU cores (about 30 minutes).",
 }
 HEADER = (
     "# Deployments of the Prefect flow `wsss` (GENERATED from the presets in pipeline/config.py:\n"

@@ -22,7 +22,7 @@ COMMAND_MODULES = ("pipeline.data.commands", "pipeline.cli_run", "pipeline.cli_p
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """``--config`` (preset or file) and repeated ``--set section.field=value``."""
     parser.add_argument("--config", "-c", default="demo",
-                        help="preset name (voc, coco, demo) or a YAML/JSON file (default: demo)")
+                        help="preset name (voc, coco, demo, voc-mini) or a YAML/JSON file (default: demo)")
     parser.add_argument("--set", "-s", dest="overrides", action="append", default=[],
                         metavar="FIELD=VALUE", help="dotted override, e.g. crf.iterations=5 (repeatable)")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

@@ -67,6 +67,7 @@ import io
 import logging
 import multiprocessing
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -338,10 +339,23 @@ def refine_chunk(items: Sequence[WorkItem], params: CRFParams) -> list[dict[str,
 
 
 def _start_method() -> str:
-    """``fork`` where the platform has it, else ``spawn``. Workers run only numpy, PIL and
-    pydensecrf (never torch), so forking a parent that imported torch is safe, and it spares
-    each worker re-importing torch through ``pipeline.data`` (seconds per worker)."""
+    """``fork`` where the platform has it, else ``spawn``: it spares each worker re-importing
+    torch through ``pipeline.data`` (seconds per worker). See :func:`_worker_init` for the one
+    torch call the workers make."""
     return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Pool initializer: end with the parent (:func:`pipeline.processes.die_with_parent`) and
+    run torch on one thread. Workers upsample maps stored at feature resolution with torch
+    (:func:`pipeline.maps_io.upsample`); in a child forked from a parent whose OpenMP pool has
+    run (stages 1-2 in the same process), a multi-threaded torch op waits forever on the
+    parent's threads, which do not exist in the child (seen on voc-mini: 330 maps of 14x14
+    upsampled to 500x375). One thread per worker is also what a pool of per-core workers wants."""
+    die_with_parent(parent_pid)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 def _chunks(items: Sequence[WorkItem], size: int) -> list[list[WorkItem]]:
@@ -439,7 +453,7 @@ def refine_images(items: Sequence[WorkItem], params: CRFParams, workers: int = 1
         context = multiprocessing.get_context(_start_method())
         # workers end with this process, even when it is killed (kill -9 included)
         with cf.ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=context,
-                                    initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+                                    initializer=_worker_init, initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(refine_chunk, chunk, params): i for i, chunk in enumerate(chunks)}
             try:
                 for future in cf.as_completed(futures):

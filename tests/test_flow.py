@@ -196,7 +196,7 @@ def test_prefect_yaml_matches_presets():
     root = Path(__file__).resolve().parent.parent
     assert deployments.stale(root) == [], "run `wsss deployments --write`"
     spec = deployments.project_spec()
-    assert [d["name"] for d in spec["deployments"]] == ["voc", "coco", "demo"]
+    assert [d["name"] for d in spec["deployments"]] == ["voc", "coco", "demo", "voc-mini"]
     assert all(d["work_pool"]["name"] == "wsss-process" for d in spec["deployments"])
     assert project_root() == root
 

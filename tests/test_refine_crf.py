@@ -499,3 +499,32 @@ def test_source_cams_refines_the_plain_cams_of_the_file(tmp_path):
         labels[source] = read_label_png(out)
     assert not np.any(labels["maps"] == 1)
     assert np.mean(labels["cams"][truth] == 1) > 0.9
+
+
+@pytest.mark.timeout(180)
+def test_forked_workers_upsample_low_resolution_maps_after_the_parent_used_threads(tmp_path):
+    """Regression (voc-mini hang): maps stored at feature resolution are upsampled with torch in
+    the forked workers; after the parent ran a multi-threaded torch op (stages 1-2 in the same
+    process), a worker's multi-threaded op waited forever. Workers now run torch on one thread."""
+    import torch
+    import torch.nn.functional as F
+
+    root = tmp_path / "big"
+    cfg = DataConfig(dataset="synthetic", root=root, synthetic=SyntheticConfig(
+        num_classes=2, num_train=4, num_val=1, image_size=256, seed=5))
+    dataset = build_dataset(cfg, "train")
+    maps_dir = tmp_path / "maps"
+    rng = np.random.default_rng(0)
+    for image_id in dataset.ids:
+        classes = np.flatnonzero(dataset.labels(image_id)) + 1
+        low = rng.uniform(0, 1, (len(classes), 16, 16))
+        save_maps(map_path(maps_dir, image_id), classes, low, size=(256, 256))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        F.interpolate(torch.rand(1, 8, 32, 32), size=(512, 512), mode="bicubic")   # the parent's pool runs
+        config = PipelineConfig(workdir=tmp_path / "work", data=cfg, crf=CRFConfig(workers=2, chunk_size=2))
+        result = refine_crf.run(config, _upstream(maps_dir), tmp_path / "out")
+    finally:
+        torch.set_num_threads(threads)
+    assert result.metrics["refined"] == 4 and len(_pngs(tmp_path / "out")) == 4

@@ -7,6 +7,10 @@
   ``data.root`` (which must be ``.../VOCdevkit/VOC2012``); SBD's ``cls/*.mat`` masks become
   ``SegmentationClassAug/*.png`` and ``ImageSets/Segmentation/train_aug.txt`` is written
   (SBD train + SBD val + VOC train, minus VOC val: 10,582 ids).
+* ``prepare voc-mini``: the 530-image development subset (330 train + 200 val ids, kept in
+  ``pipeline/data/voc_mini/``) copied from a VOC2012 directory (``--from``, default the
+  ``voc`` preset's ``data.root``; VOC2012 trainval is downloaded there when it is missing)
+  into ``data.root`` (the voc-mini preset's); the split files are written last.
 * ``prepare coco``: the image zips and the instances annotations zip of ``data.coco_year``,
   extracted into ``data.root``.
   Archives go to ``<extract dir>/downloads`` and are checked against their MD5; an archive
@@ -145,10 +149,82 @@ def convert_sbd(voc_root: Path, sbd_dataset: Path) -> int:
     return len(train_aug)
 
 
+VOC_MINI_IDS = Path(__file__).parent / "voc_mini"
+
+
+def voc_mini_ids() -> dict[str, list[str]]:
+    """The voc-mini id lists kept in the project: ``{"train": [...330], "val": [...200]}``."""
+    from pipeline.data.base import read_split_file
+
+    return {split: read_split_file(VOC_MINI_IDS / f"{split}.txt") for split in ("train", "val")}
+
+
+def build_voc_mini(source: Path, target: Path) -> dict[str, int]:
+    """Copy the voc-mini images and masks from the VOC2012 directory ``source`` into ``target``
+    (the same layout). Every source file is checked before anything is copied (the error names
+    the first missing ones); files already in ``target`` are kept; each copy is atomic and the
+    split files come last, so an interrupted run leaves no split that names a missing file."""
+    import shutil
+
+    from pipeline.data.base import DatasetError
+    from pipeline.storage import atomic_path, atomic_write_text
+
+    ids = voc_mini_ids()
+    wanted = [(sub, f"{item}{ext}") for item in sorted({i for v in ids.values() for i in v})
+              for sub, ext in (("JPEGImages", ".jpg"), ("SegmentationClass", ".png"))]
+    missing = [f"{sub}/{name}" for sub, name in wanted if not (source / sub / name).is_file()]
+    if missing:
+        raise DatasetError(f"{source} is not a VOC2012 directory holding the voc-mini ids: "
+                           f"{len(missing)} file(s) missing, e.g. {', '.join(missing[:3])}")
+    for sub, name in wanted:
+        dest = target / sub / name
+        if dest.is_file():
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(source / sub / name, tmp)
+    for split, items in ids.items():
+        atomic_write_text(target / "ImageSets" / "Segmentation" / f"{split}.txt", "\n".join(items) + "\n")
+    return {split: len(items) for split, items in ids.items()}
+
+
+def _prepare_voc_mini(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.data.base import DatasetError
+
+    if args.config is None:
+        args.config = "voc-mini"
+    config = config_from_args(args)
+    if config.data.dataset != "voc":
+        raise DatasetError(f"data.dataset is {config.data.dataset!r}; voc-mini is a voc dataset "
+                           f"(use --config voc-mini)")
+    target = Path(config.data.root)
+    source = Path(args.source) if args.source else Path(load_config("voc").data.root)
+    if source.resolve() == target.resolve():
+        raise DatasetError(f"--from {source} is data.root itself; give the full VOC2012 directory")
+    if not (source / "JPEGImages").is_dir():
+        if source.parts[-2:] != ("VOCdevkit", "VOC2012"):
+            raise DatasetError(f"--from {source} has no JPEGImages/ and does not end in VOCdevkit/VOC2012 "
+                               f"(where VOC2012 trainval would be downloaded)")
+        archives = [(VOC2012["url"], VOC2012["md5"])]
+        download_dir = source.parents[1] / "downloads"
+        download_dir.mkdir(parents=True, exist_ok=True)
+        failures = _fetch(archives, download_dir, source.parents[1])
+        if failures:
+            print(_instructions("voc-mini", archives, download_dir, source.parents[1], failures),
+                  file=sys.stderr)
+            return 1
+    counts = build_voc_mini(source, target)
+    print(f"voc-mini ready at {target} (train: {counts['train']}, val: {counts['val']} images, from {source})")
+    return 0
+
+
 @_friendly_errors
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from pipeline.data.base import DatasetError
 
+    if args.dataset == "voc-mini":
+        return _prepare_voc_mini(args)
     if args.config is None:                   # default: the preset of the dataset
         args.config = args.dataset
     config = config_from_args(args)
@@ -222,8 +298,12 @@ def add_commands(sub) -> None:
                        help="with --folder: spread the images over N sub-directories")
     synth.set_defaults(func=_cmd_synth)
 
-    prepare = data_sub.add_parser("prepare", help="download and lay out VOC2012+SBD or COCO")
-    prepare.add_argument("dataset", choices=("voc", "coco"))
+    prepare = data_sub.add_parser("prepare", help="download and lay out VOC2012+SBD, COCO, or the "
+                                                  "voc-mini subset")
+    prepare.add_argument("dataset", choices=("voc", "coco", "voc-mini"))
+    prepare.add_argument("--from", dest="source", default=None, metavar="DIR",
+                         help="voc-mini: the full VOC2012 directory to copy from (default: the voc "
+                              "preset's data.root; downloaded there when missing)")
     add_config_arguments(prepare)
     prepare.set_defaults(func=_cmd_prepare, config=None)
 
