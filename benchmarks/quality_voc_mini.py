@@ -64,6 +64,7 @@ def run_method(method: str, args) -> dict:
         # the plain CAMs of the same classifier (for cam these are the maps themselves)
         "plain_cams": {"miou": maps_eval["cams"]["best_miou"], "threshold": maps_eval["cams"]["best_threshold"]},
         "train_background_miou": maps_eval["background_miou"],
+        "empty_class_maps": empty_maps(Path(results["generate_cams"].path)),
         "pseudo_masks": {"miou": masks["miou"], "labelled_fraction": masks["labelled_fraction"],
                          "per_class_iou": metrics["pseudo_masks"]["per_class_iou"]},
         "crf_gain": masks["miou"] - maps_eval["maps"]["best_miou"],
@@ -71,6 +72,20 @@ def run_method(method: str, args) -> dict:
                               "per_class_iou": metrics[name]["per_class_iou"]} for name in models},
         "val_background_miou": metrics[models[0]]["all_background_miou"],
     }
+
+
+def empty_maps(map_dir: Path) -> dict:
+    """How many (image, class) maps are all zero, for the maps and the plain CAMs of a stage-2
+    output (a class map that is zero everywhere labels the image background)."""
+    from pipeline.maps_io import load_maps
+
+    counts = {"maps": 0, "cams": 0, "total": 0}
+    for path in sorted(Path(map_dir).glob("*.npy")):
+        record = load_maps(path)
+        counts["total"] += len(record.classes)
+        counts["maps"] += int(sum(float(m.max()) == 0.0 for m in record.maps))
+        counts["cams"] += int(sum(float(m.max()) == 0.0 for m in record.cams))
+    return counts
 
 
 def run_ground_truth(args) -> dict:
@@ -149,6 +164,10 @@ def format_table(report: dict) -> str:
     lines.append("")
     lines += [f"{'met ' if t['met'] else 'MISSED'} {t['target']}: {t['value']:.2f} (need {t['need']:g})"
               for t in report["targets"]]
+    for method in METHODS:
+        e = report["methods"][method]["empty_class_maps"]
+        lines.append(f"{method}: {e['maps']} of {e['total']} (image, class) maps are all zero "
+                     f"(plain CAMs of the same model: {e['cams']})")
     per_class = ["", "per-class IoU of the maps (train): class  cam  mcis"]
     cam_pc, mcis_pc = report["methods"]["cam"]["maps"]["per_class_iou"], mcis["maps"]["per_class_iou"]
     for name in cam_pc:

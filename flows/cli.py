@@ -116,7 +116,9 @@ def _cmd_deploy(args) -> int:
     except services.ServiceError as err:
         print(f"wsss deploy: {err}", file=sys.stderr)
         return 1
-    _say(f"deployed wsss/voc, wsss/coco, wsss/demo in {time.time() - start:.1f}s")
+    from pipeline.config import PRESETS
+
+    _say(f"deployed {', '.join(f'wsss/{name}' for name in PRESETS)} in {time.time() - start:.1f}s")
     return 0
 
 

@@ -30,3 +30,29 @@ def test_mmseg_reference_table_names_real_configs():
     gpu = _load("gpu")
     for config, memory, miou in gpu.MMSEG_VOC12AUG.values():
         assert config.endswith("_4xb4-20k_voc12aug-512x512") and 0 < memory < 16 and 60 < miou < 80
+
+
+def _method(maps, masks, segs, seconds=60.0):
+    return {"seconds": seconds, "maps": {"miou": maps, "threshold": 0.3, "per_class_iou": {"cat": maps}},
+            "plain_cams": {"miou": maps, "threshold": 0.3}, "train_background_miou": 0.035,
+            "empty_class_maps": {"maps": 1, "cams": 0, "total": 10},
+            "pseudo_masks": {"miou": masks}, "crf_gain": masks - maps,
+            "segmentors": {name: {"miou": v} for name, v in segs.items()}, "val_background_miou": 0.04}
+
+
+def test_quality_voc_mini_targets_and_table_from_a_hand_made_report():
+    bench = _load("quality_voc_mini")
+    report = {"methods": {"cam": _method(0.30, 0.34, {"sanet": 0.30, "deeplab_largefov": 0.28}),
+                          "mcis": _method(0.32, 0.33, {"sanet": 0.36, "deeplab_largefov": 0.31})},
+              "ground_truth": {"sanet": {"miou": 0.40, "seconds": 60.0}, "deeplab_largefov": {"miou": 0.5, "seconds": 60.0}}}
+    rows = {r["target"].split(" ")[0] + r["target"].split(" ")[1]: r for r in bench.targets(report)}
+    gain = rows["MCISmaps"]
+    assert gain["value"] == pytest.approx(2.0) and not gain["met"]              # 32 - 30 < 3
+    assert rows["campseudo-masks"]["value"] == pytest.approx(4.0) and rows["campseudo-masks"]["met"]
+    assert rows["mcispseudo-masks"]["value"] == pytest.approx(1.0) and not rows["mcispseudo-masks"]["met"]
+    best = rows["bestsegmentor"]
+    assert "sanet on mcis" in best["target"] and best["value"] == pytest.approx(0.36 / 0.40) and best["met"]
+    report["targets"] = bench.targets(report)
+    table = bench.format_table(report)
+    assert "ground-truth masks" in table and "40.0" in table and "MISSED MCIS maps" in table
+    assert "1 of 10 (image, class) maps are all zero" in table
