@@ -66,7 +66,7 @@ def run_method(method: str, args) -> dict:
         "train_background_miou": maps_eval["background_miou"],
         "empty_class_maps": empty_maps(Path(results["generate_cams"].path)),
         "pseudo_masks": {"miou": masks["miou"], "labelled_fraction": masks["labelled_fraction"],
-                         "per_class_iou": metrics["pseudo_masks"]["per_class_iou"]},
+                         "per_class_iou": metrics["pseudo_masks"]["ignore_dropped"]["per_class_iou"]},
         "crf_gain": masks["miou"] - maps_eval["maps"]["best_miou"],
         "segmentors": {name: {"miou": metrics[name]["miou"],
                               "per_class_iou": metrics[name]["per_class_iou"]} for name in models},
