@@ -56,8 +56,12 @@ def run_method(method: str, args) -> dict:
     masks = results["refine_crf"].metrics
     metrics = json.loads((Path(results["evaluate"].path) / "metrics.json").read_text())["scores"]
     models = list(config.segmentor.models)
+    stage_seconds = {name: json.loads((Path(r.path) / "manifest.json").read_text()).get("duration_s")
+                     for name, r in results.items()}
     return {
-        "seconds": seconds,
+        # the stages' own durations (manifest.json), so a rerun that reuses them reports the same
+        "seconds": sum(v for v in stage_seconds.values() if v) or seconds,
+        "stage_seconds": stage_seconds,
         "keys": {name: r.key for name, r in results.items()},
         "maps": {"miou": maps_eval["maps"]["best_miou"], "threshold": maps_eval["maps"]["best_threshold"],
                  "per_class_iou": maps_eval["maps"]["per_class_iou"]},
