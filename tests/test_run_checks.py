@@ -41,7 +41,7 @@ def test_unknown_segmentor_is_refused_when_the_config_loads():
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "segmentor.models" in result.stderr and "'foonet'" in result.stderr
     assert "torch imported: False" in result.stdout            # refused before torch is imported
-    assert seconds < 15
+    assert seconds < 60          # no stage ran (a stage alone takes minutes); generous for loaded machines
 
 
 def test_registry_names_read_from_source_equal_the_imported_registry():
@@ -57,7 +57,7 @@ def test_missing_val_image_fails_before_stage_one(tree, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and "val_00001.jpg does not exist" in result.stderr
     assert not (tmp_path / "work" / "train_classifier").exists()     # no stage started
-    assert seconds < 15
+    assert seconds < 60          # no stage ran (a stage alone takes minutes); generous for loaded machines
     debug, _ = _wsss("run", "--debug", *_sets(*_voc(tree, tmp_path)))
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "DatasetError" in debug.stderr
 
