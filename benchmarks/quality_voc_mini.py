@@ -117,12 +117,8 @@ def run_ground_truth(args) -> dict:
         train_model(config, name, masks, out / name)
         summary = evaluate_segmentor(out / name / MODEL_FILE, val, config.evaluation, out / name / "val", device)
         scores[name] = {"miou": summary["miou"], "seconds": time.time() - t0,
-                        "per_class_iou": _per_class(summary)}
+                        "per_class_iou": summary.get("per_class_iou", {})}
     return scores
-
-
-def _per_class(summary: dict) -> dict:
-    return summary.get("per_class_iou", {})
 
 
 def targets(report: dict) -> list[dict]:

@@ -53,7 +53,7 @@ from torch import nn
 
 from models.segmentors import resize_to
 from pipeline.data.palette import voc_palette
-from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from pipeline.errors import InputError
 from pipeline.storage import atomic_path, atomic_write_json
 from stages.predict import LoadedModel, load_model
@@ -170,10 +170,7 @@ def second_shape(size: tuple[int, int]) -> tuple[int, int, int, int]:
 def sample(shape, seed: int) -> torch.Tensor:
     """A normalised random photo: uniform uint8 pixels through the training normalisation."""
     g = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, tuple(shape), generator=g).float() / 255
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (pixels - mean) / std
+    return normalize(torch.randint(0, 256, tuple(shape), generator=g).to(torch.uint8))
 
 
 @torch.no_grad()

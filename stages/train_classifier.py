@@ -357,7 +357,6 @@ def _cached_features(model, train_set, cfg, copy_views, device, main: bool):
     views = [(cfg.image_size, False)] + list(copy_views)
     check_budget(len(train_set), model.backbone, [side for side, _ in views], cfg.feature_cache_mb)
     t0 = time.time()
-    _freeze_backbone(model)
     features = compute_features(model.backbone, train_set, views, device)
     if main:
         log.info("train_classifier: cached the frozen backbone's features of %d images x %d views "

@@ -69,6 +69,14 @@ def run_onnx(path: Path, x: torch.Tensor) -> np.ndarray:
     return session.run(None, {"image": x.numpy()})[0]
 
 
+def run_exported(path, fmt: str, x: torch.Tensor) -> np.ndarray:
+    """Logits of the exported file (onnxruntime for ONNX, torch.jit for TorchScript)."""
+    if fmt == "onnx":
+        return run_onnx(path, x)
+    with torch.no_grad():
+        return torch.jit.load(str(path))(x).numpy()
+
+
 def test_torchscript_round_trip_and_sidecar(trained, tmp_path, capsys):
     workdir, checkpoint = trained
     out = tmp_path / "deploy" / "fcn.pt"
@@ -178,11 +186,7 @@ def test_zoo_models_export(name, fmt, tmp_path):
     result = ex.export(str(checkpoint), fmt, out, size=(48, 48))
     assert result.dynamic_size and result.max_abs_diff <= 1e-4
     x = fresh((2, 3, 40, 64))
-    if fmt == "onnx":
-        got = run_onnx(out, x)
-    else:
-        with torch.no_grad():
-            got = torch.jit.load(str(out))(x).numpy()
+    got = run_exported(out, fmt, x)
     assert np.abs(got - reference(checkpoint, x)).max() <= 1e-4
 
 
@@ -203,11 +207,7 @@ def test_fixed_size_fallback_is_recorded(name, fmt, size, reason, tmp_path, caps
     assert result.meta["verification"]["shapes"] == [[1, 3, size, size], [2, 3, size, size]]
     assert capsys.readouterr().out.strip().endswith(f"exported for a fixed {size}x{size} input")
     x = fresh((2, 3, size, size))
-    if fmt == "onnx":
-        got = run_onnx(out, x)
-    else:
-        with torch.no_grad():
-            got = torch.jit.load(str(out))(x).numpy()
+    got = run_exported(out, fmt, x)
     assert np.abs(got - reference(checkpoint, x)).max() <= 1e-4
 
 
