@@ -42,12 +42,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline import attention_eval  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import build_dataset  # noqa: E402
 from pipeline.map_eval import map_diagnostics  # noqa: E402
@@ -127,47 +125,12 @@ def main(argv=None):
     print(f"\ntotal {t_train + t_maps:.0f} s (+ {time.time() - start:.0f} s diagnostics); outputs in {workdir}")
 
 
-@torch.no_grad()
 def attention_diagnostics(config, dataset, classifier_dir: Path) -> dict:
-    """Does the co-attention match objects across images? For every labelled val image I,
-    class c and related partner R of stage 2's plan (base views): A = softmax over R's
-    positions of the affinity row of each position x of I (the co-attention that gives I's
-    co-attentive features). Returns the mean share of A on R's GT-c pixels for x on I's GT-c
-    pixels (``on_object``) and for x elsewhere (``off_object``), the share uniform attention
-    would give (``uniform``: R's GT-c area fraction), the row entropy over log(HW_R)
-    (0 = one-hot, 1 = uniform), and the co-attentive class-c logit on / off I's object."""
+    """:func:`pipeline.attention_eval.attention_diagnostics` over stage 2's plan (base views)."""
     model, _ = load_classifier(generate_cams.select_checkpoint(classifier_dir, None))
-    model.eval()
     plan = generate_cams.make_plan(dataset, config.maps.num_related, config.seed, config.maps.related_pool)
-    feats, masks = {}, {}
-
-    def prepare(item):
-        if item not in feats:
-            feats[item] = model.features(generate_cams.network_input(dataset.load_image(item), config.maps.image_size))
-            mask = torch.from_numpy(dataset.load_mask(item))[None, None].float()
-            masks[item] = F.interpolate(mask, size=feats[item].shape[-2:], mode="nearest").reshape(-1).long()
-        return feats[item], masks[item]
-
-    sums = np.zeros(6)
-    count = 0
-    for item, classes in plan.classes.items():
-        f_i, m_i = prepare(item)
-        for c in classes:
-            on, off = m_i == c + 1, (m_i != c + 1) & (m_i != 255)
-            for partner in plan.related[item].get(c, []):
-                f_r, m_r = prepare(partner)
-                obj_r = (m_r == c + 1).float()
-                if not (on.any() and off.any() and obj_r.any()):
-                    continue
-                co_i, _, attn, _ = model.co_attention(f_i, f_r)       # attn: (1, HW_R, HW_I)
-                share = (attn[0] * obj_r[:, None]).sum(0)
-                entropy = -(attn[0] * attn[0].clamp(min=1e-12).log()).sum(0) / np.log(attn.shape[1])
-                logit = model.class_maps(co_i)[0, c].reshape(-1)
-                sums += [share[on].mean(), share[off].mean(), obj_r.mean(), entropy.mean(),
-                         logit[on].mean(), logit[off].mean()]
-                count += 1
-    keys = ("on_object", "off_object", "uniform", "entropy", "logit_on", "logit_off")
-    return {"pairs": count, **{k: float(v) / max(count, 1) for k, v in zip(keys, sums)}}
+    return attention_eval.attention_diagnostics(model, dataset, attention_eval.plan_triples(plan),
+                                                config.maps.image_size)
 
 
 def print_attention(att: dict) -> None:

@@ -75,6 +75,7 @@ def run_method(method: str, args) -> dict:
         "segmentors": {name: {"miou": metrics[name]["miou"],
                               "per_class_iou": metrics[name]["per_class_iou"]} for name in models},
         "val_background_miou": metrics[models[0]]["all_background_miou"],
+        "diagnostics": diagnostics(config, results) if method == "mcis" else None,
     }
 
 
@@ -90,6 +91,31 @@ def empty_maps(map_dir: Path) -> dict:
         counts["maps"] += int(sum(float(m.max()) == 0.0 for m in record.maps))
         counts["cams"] += int(sum(float(m.max()) == 0.0 for m in record.cams))
     return counts
+
+
+def diagnostics(config, results) -> dict:
+    """Why the MCIS maps win or lose against the plain CAMs of the same classifier (train):
+    threshold-free separation of each kind (:func:`pipeline.map_eval.map_diagnostics`: mean
+    ROC AUC object vs rest, mean map value on / off the object, foreground precision / recall
+    at each kind's best threshold) and whether the co-attention matches objects across the
+    related pairs of stage 2's plan (:func:`pipeline.attention_eval.attention_diagnostics`)."""
+    from pipeline import attention_eval
+    from pipeline.data import build_dataset
+    from pipeline.map_eval import map_diagnostics
+    from stages import generate_cams
+    from stages.train_classifier import load_classifier
+
+    map_dir = Path(results["generate_cams"].path)
+    scores = json.loads((map_dir / "map_eval.json").read_text())
+    dataset = build_dataset(config.data, config.maps.split or config.data.train_split)
+    diag = map_diagnostics(map_dir, dataset, {k: scores[k]["best_threshold"] for k in ("maps", "cams")})
+    keep = ("miou", "threshold", "mean_auc", "inside", "outside", "foreground_precision", "foreground_recall")
+    out = {kind: {key: diag[kind][key] for key in keep} for kind in ("maps", "cams")}
+    model, _ = load_classifier(generate_cams.select_checkpoint(Path(results["train_classifier"].path), None))
+    plan = generate_cams.make_plan(dataset, config.maps.num_related, config.seed, config.maps.related_pool)
+    out["attention"] = attention_eval.attention_diagnostics(
+        model, dataset, attention_eval.plan_triples(plan), config.maps.image_size or config.classifier.image_size)
+    return out
 
 
 def run_ground_truth(args) -> dict:
@@ -168,6 +194,18 @@ def format_table(report: dict) -> str:
         e = report["methods"][method]["empty_class_maps"]
         lines.append(f"{method}: {e['maps']} of {e['total']} (image, class) maps are all zero "
                      f"(plain CAMs of the same model: {e['cams']})")
+    diag = mcis.get("diagnostics")
+    if diag:
+        for kind, label in (("maps", "MCIS maps"), ("cams", "plain CAMs of the MCIS classifier")):
+            d = diag[kind]
+            lines.append(f"{label}: mean AUC object vs rest {pct(d['mean_auc'])}, map on / off the object "
+                         f"{d['inside']:.2f} / {d['outside']:.2f}, foreground precision / recall "
+                         f"{pct(d['foreground_precision'])} / {pct(d['foreground_recall'])} (bg {d['threshold']:g})")
+        a = diag["attention"]
+        lines.append(f"co-attention over {a['pairs']} (image, class, partner) pairs: share on the partner's "
+                     f"object {pct(a['on_object'])} % from the object, {pct(a['off_object'])} % from elsewhere "
+                     f"(uniform {pct(a['uniform'])} %); row entropy {a['entropy']:.2f} of uniform; "
+                     f"co-attentive logit on / off the object {a['logit_on']:.2f} / {a['logit_off']:.2f}")
     per_class = ["", "per-class IoU of the maps (train): class  cam  mcis"]
     cam_pc, mcis_pc = report["methods"]["cam"]["maps"]["per_class_iou"], mcis["maps"]["per_class_iou"]
     for name in cam_pc:
