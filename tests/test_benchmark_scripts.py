@@ -52,7 +52,16 @@ def test_quality_voc_mini_targets_and_table_from_a_hand_made_report():
     assert rows["mcispseudo-masks"]["value"] == pytest.approx(1.0) and not rows["mcispseudo-masks"]["met"]
     best = rows["bestsegmentor"]
     assert "sanet on mcis" in best["target"] and best["value"] == pytest.approx(0.36 / 0.40) and best["met"]
+    separation = {"miou": 0.32, "threshold": 0.7, "mean_auc": 0.73, "inside": 0.62, "outside": 0.40,
+                  "foreground_precision": 0.32, "foreground_recall": 0.55}
+    report["methods"]["mcis"]["diagnostics"] = {
+        "maps": separation, "cams": {**separation, "outside": 0.21},
+        "attention": {"pairs": 12, "on_object": 0.394, "off_object": 0.288, "uniform": 0.158,
+                      "entropy": 0.04, "logit_on": 5.5, "logit_off": 3.4}}
     report["targets"] = bench.targets(report)
     table = bench.format_table(report)
     assert "ground-truth masks" in table and "40.0" in table and "MISSED MCIS maps" in table
     assert "1 of 10 (image, class) maps are all zero" in table
+    assert "MCIS maps: mean AUC object vs rest 73.0, map on / off the object 0.62 / 0.40" in table
+    assert "classifier: mean AUC object vs rest 73.0, map on / off the object 0.62 / 0.21" in table
+    assert "object 39.4 % from the object, 28.8 % from elsewhere (uniform 15.8 %)" in table
