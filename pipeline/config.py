@@ -468,12 +468,14 @@ def _voc_mini_preset() -> dict[str, Any]:
     a VOC download), sized for 2 CPU cores in about 30 minutes (docs/benchmarks.md). The
     ImageNet EfficientNet-Lite0 (offline, in a wheel) at output stride 16 is the frozen
     classifier backbone, its features computed once (classifier.cache_features); the segmentors
-    fine-tune it. Deviations from the official recipe, for the CPU budget: frozen backbone,
-    128 extra-conv channels, 224-px views without colour jitter, 10 epochs (lr x0.1 after 7),
-    no self-pairs in training (the 2x copy alone costs 4 backbone passes per image). Stage 2
-    keeps the official self-pair candidates: without them an MCIS map is the related-image map
-    alone, flat where the co-attention has not learnt to match objects (20 photos: MCIS maps
-    4.1 mIoU = all-background, plain CAMs of the same model 16.0)."""
+    fine-tune it (300 iterations). Deviations from the official recipe, for the CPU budget:
+    frozen backbone, 128 extra-conv channels, 224-px views without colour jitter, 20 epochs of
+    330 images (1,320 steps; lr x0.1 after 14; 10 epochs gave MCIS maps 21.9 mIoU on train, 20
+    gave 24.7), no self-pairs in training (with them the co-attentive logits of 161 of 548
+    train (image, class) maps stayed negative everywhere: MCIS maps 11.6). Stage 2 keeps the
+    official self-pair candidates: without them an MCIS map is the related-image map alone,
+    flat where the co-attention has not learnt to match objects (20 photos: MCIS maps 4.1 mIoU
+    = all-background, plain CAMs of the same model 16.0). docs/benchmarks.md has the figures."""
     lite = {"backbone_options": {"output_stride": 16}}
     return {
         "name": "voc-mini",
