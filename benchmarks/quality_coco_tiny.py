@@ -16,7 +16,7 @@ for the plain CAMs and the MCIS maps of the same model side by side:
   map (object vs the rest of the image; 50 = a flat or empty map), the same for the
   foreground as a whole, the mean map value on / off the object, and how many (image, class)
   maps are all zero (:func:`pipeline.map_eval.map_diagnostics`);
-* whether the co-attention matches objects across images (:func:`attention_diagnostics`):
+* whether the co-attention matches objects across images (:func:`pipeline.attention_eval.attention_diagnostics`):
   the share of each position's attention that lands on the partner's object of the shared
   class, from positions on and off the image's own object, vs uniform attention.
 
@@ -42,7 +42,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import attention_eval  # noqa: E402
@@ -51,7 +50,6 @@ from pipeline.data import build_dataset  # noqa: E402
 from pipeline.map_eval import map_diagnostics  # noqa: E402
 from pipeline.tracking import MemoryTracker  # noqa: E402
 from stages import generate_cams, train_classifier  # noqa: E402
-from stages.train_classifier import load_classifier  # noqa: E402
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "coco-tiny"
 
@@ -121,16 +119,8 @@ def main(argv=None):
     diag = map_diagnostics(workdir / "generate_cams", dataset,
                            {kind: scores[kind]["best_threshold"] for kind in ("cams", "maps")})
     print_diagnostics(diag)
-    print_attention(attention_diagnostics(config, dataset, Path(stage1.path)))
+    print_attention(attention_eval.stage_diagnostics(config, dataset, stage1.path))
     print(f"\ntotal {t_train + t_maps:.0f} s (+ {time.time() - start:.0f} s diagnostics); outputs in {workdir}")
-
-
-def attention_diagnostics(config, dataset, classifier_dir: Path) -> dict:
-    """:func:`pipeline.attention_eval.attention_diagnostics` over stage 2's plan (base views)."""
-    model, _ = load_classifier(generate_cams.select_checkpoint(classifier_dir, None))
-    plan = generate_cams.make_plan(dataset, config.maps.num_related, config.seed, config.maps.related_pool)
-    return attention_eval.attention_diagnostics(model, dataset, attention_eval.plan_triples(plan),
-                                                config.maps.image_size)
 
 
 def print_attention(att: dict) -> None:

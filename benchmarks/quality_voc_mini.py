@@ -75,7 +75,7 @@ def run_method(method: str, args) -> dict:
         "segmentors": {name: {"miou": metrics[name]["miou"],
                               "per_class_iou": metrics[name]["per_class_iou"]} for name in models},
         "val_background_miou": metrics[models[0]]["all_background_miou"],
-        "diagnostics": diagnostics(config, results) if method == "mcis" else None,
+        "diagnostics": diagnostics(config, results, maps_eval) if method == "mcis" else None,
     }
 
 
@@ -93,28 +93,23 @@ def empty_maps(map_dir: Path) -> dict:
     return counts
 
 
-def diagnostics(config, results) -> dict:
+def diagnostics(config, results, maps_eval: dict) -> dict:
     """Why the MCIS maps win or lose against the plain CAMs of the same classifier (train):
     threshold-free separation of each kind (:func:`pipeline.map_eval.map_diagnostics`: mean
     ROC AUC object vs rest, mean map value on / off the object, foreground precision / recall
-    at each kind's best threshold) and whether the co-attention matches objects across the
-    related pairs of stage 2's plan (:func:`pipeline.attention_eval.attention_diagnostics`)."""
+    at each kind's best threshold of ``maps_eval``, stage 2's sweep) and whether the
+    co-attention matches objects across the related pairs of stage 2's plan
+    (:func:`pipeline.attention_eval.stage_diagnostics`)."""
     from pipeline import attention_eval
     from pipeline.data import build_dataset
     from pipeline.map_eval import map_diagnostics
-    from stages import generate_cams
-    from stages.train_classifier import load_classifier
 
     map_dir = Path(results["generate_cams"].path)
-    scores = json.loads((map_dir / "map_eval.json").read_text())
     dataset = build_dataset(config.data, config.maps.split or config.data.train_split)
-    diag = map_diagnostics(map_dir, dataset, {k: scores[k]["best_threshold"] for k in ("maps", "cams")})
+    diag = map_diagnostics(map_dir, dataset, {k: maps_eval[k]["best_threshold"] for k in ("maps", "cams")})
     keep = ("miou", "threshold", "mean_auc", "inside", "outside", "foreground_precision", "foreground_recall")
     out = {kind: {key: diag[kind][key] for key in keep} for kind in ("maps", "cams")}
-    model, _ = load_classifier(generate_cams.select_checkpoint(Path(results["train_classifier"].path), None))
-    plan = generate_cams.make_plan(dataset, config.maps.num_related, config.seed, config.maps.related_pool)
-    out["attention"] = attention_eval.attention_diagnostics(
-        model, dataset, attention_eval.plan_triples(plan), config.maps.image_size or config.classifier.image_size)
+    out["attention"] = attention_eval.stage_diagnostics(config, dataset, results["train_classifier"].path)
     return out
 
 

@@ -29,7 +29,7 @@ KEYS = ("on_object", "off_object", "uniform", "entropy", "logit_on", "logit_off"
 
 
 @torch.no_grad()
-def attention_diagnostics(model, dataset, triples: Iterable[tuple[str, int, str]], image_size: int) -> dict:
+def attention_diagnostics(model, dataset, triples: Iterable[tuple[str, int, str]], image_size: int | None) -> dict:
     """Means of :data:`KEYS` over ``triples`` of (image id, 0-based class, partner id);
     ``dataset`` gives ``load_image`` / ``load_mask`` (class c is mask value c + 1, 255 void).
     Features of each image are computed once. Returns ``{"pairs": n, key: mean, ...}``."""
@@ -44,8 +44,8 @@ def attention_diagnostics(model, dataset, triples: Iterable[tuple[str, int, str]
         if item not in feats:
             feats[item] = model.features(network_input(dataset.load_image(item), image_size).to(device))
             mask = torch.from_numpy(np.asarray(dataset.load_mask(item)))[None, None].float()
-            masks[item] = F.interpolate(mask, size=feats[item].shape[-2:], mode="nearest").reshape(-1).long()
-        return feats[item], masks[item].to(device)
+            masks[item] = F.interpolate(mask, size=feats[item].shape[-2:], mode="nearest").reshape(-1).long().to(device)
+        return feats[item], masks[item]
 
     sums = np.zeros(len(KEYS))
     count = 0
@@ -70,3 +70,21 @@ def plan_triples(plan) -> list[tuple[str, int, str]]:
     """Every (image, class, partner) of a :class:`stages.generate_cams.Plan`."""
     return [(item, c, partner) for item, classes in plan.classes.items() for c in classes
             for partner in plan.related[item].get(c, [])]
+
+
+def stage_diagnostics(config, dataset, classifier_dir) -> dict:
+    """:func:`attention_diagnostics` of stage 1's last checkpoint in ``classifier_dir`` over
+    every (image, class, partner) of stage 2's plan for ``dataset``, at the maps' input size
+    (``maps.image_size``; under the official protocol the classifier's when unset)."""
+    from pathlib import Path
+
+    from stages.generate_cams import make_plan, select_checkpoint
+    from stages.train_classifier import load_classifier
+
+    model, _ = load_classifier(select_checkpoint(Path(classifier_dir), None))
+    maps = config.maps
+    plan = make_plan(dataset, maps.num_related, config.seed, maps.related_pool)
+    image_size = maps.image_size
+    if image_size is None and maps.protocol == "official":
+        image_size = config.classifier.image_size
+    return attention_diagnostics(model, dataset, plan_triples(plan), image_size)
